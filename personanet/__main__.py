@@ -1,0 +1,3 @@
+from personanet.cli import main
+
+main()

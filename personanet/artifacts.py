@@ -1,0 +1,426 @@
+"""The versioned artifact store: versions, manifests, atomic writes, one writer.
+
+Layout: ``<root>/<dataset>/<stage>/<version>/manifest.json`` plus the stage's
+files. This module knows versions and manifests and nothing of models or data
+frames. A version folder appears only by an atomic rename of a fully written,
+fsynced temporary folder, so a crash never leaves a folder that looks complete;
+readers also skip any folder without a valid manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import secrets
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from personanet import __version__
+from personanet.errors import (
+    InputMissingError,
+    IntegrityError,
+    LockBusyError,
+    OutputError,
+    UsageError,
+)
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "personanet.manifest/1"
+STAGES = ("collect", "clean", "train", "evaluate", "predict")
+LOCK_FILE = ".personanet.lock"
+TMP_PREFIX = ".tmp-"
+DEFAULT_LOCK_TIMEOUT = 60.0
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def new_version() -> str:
+    """A unique, time-sortable version id, e.g. ``20261125T180102.123456Z-3f9a1c``."""
+    now = dt.datetime.now(dt.UTC)
+    return f"{now:%Y%m%dT%H%M%S.%f}Z-{secrets.token_hex(3)}"
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+@cache
+def environment() -> dict[str, Any]:
+    """Versions of everything that shapes an artifact, read without importing the packages."""
+    packages = {}
+    for name in ("torch", "opacus", "polars", "cryptography", "numpy", "typer"):
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            packages[name] = None
+    return {
+        "personanet": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": packages,
+        "git_commit": _git_commit(),
+    }
+
+
+def _git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A complete, immutable artifact version (its manifest has been validated)."""
+
+    dataset: str
+    stage: str
+    version: str
+    path: Path
+    manifest: dict[str, Any]
+
+    def file(self, name: str) -> Path:
+        """Path of an output file by its manifest name; InputMissingError if absent."""
+        for out in self.manifest.get("outputs", []):
+            if out["name"] == name:
+                return self.path / name
+        raise InputMissingError(f"{self.stage} artifact {self.version} has no file {name!r}")
+
+    def output(self, name: str) -> dict[str, Any]:
+        for out in self.manifest.get("outputs", []):
+            if out["name"] == name:
+                return out
+        raise InputMissingError(f"{self.stage} artifact {self.version} has no file {name!r}")
+
+    @property
+    def figures(self) -> dict[str, Any]:
+        return self.manifest.get("figures", {})
+
+    @property
+    def created_at(self) -> str:
+        return str(self.manifest.get("created_at", ""))
+
+    def as_input(self) -> dict[str, Any]:
+        """How a downstream manifest pins this artifact: stage, version, sha256 of each file."""
+        return {
+            "stage": self.stage,
+            "version": self.version,
+            "files": [{"name": o["name"], "sha256": o["sha256"]}
+                      for o in self.manifest.get("outputs", [])],
+        }
+
+
+class ArtifactStore:
+    """Artifacts of one dataset under one artifact root."""
+
+    _held: dict[Path, int] = {}
+    _held_fds: dict[Path, int] = {}
+    _held_guard = threading.Lock()
+
+    def __init__(self, root: Path | str, dataset: str, *,
+                 lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> None:
+        self.root = Path(root)
+        self.dataset = dataset
+        self.lock_timeout = lock_timeout
+
+    @property
+    def dataset_dir(self) -> Path:
+        return self.root / self.dataset
+
+    def stage_dir(self, stage: str) -> Path:
+        if stage not in STAGES:
+            raise UsageError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+        return self.dataset_dir / stage
+
+    # ----------------------------------------------------------------- reading
+
+    def versions(self, stage: str) -> list[Artifact]:
+        """Complete artifacts of a stage, oldest first. Incomplete folders are ignored."""
+        folder = self.stage_dir(stage)
+        if not folder.is_dir():
+            return []
+        found = []
+        for entry in folder.iterdir():
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue
+            artifact = self._load(stage, entry)
+            if artifact is not None:
+                found.append(artifact)
+        return sorted(found, key=lambda a: (a.created_at, a.version))
+
+    def _load(self, stage: str, folder: Path) -> Artifact | None:
+        try:
+            manifest = json.loads((folder / MANIFEST).read_text("utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+            return None
+        if manifest.get("stage") != stage or manifest.get("version") != folder.name:
+            return None
+        return Artifact(self.dataset, stage, folder.name, folder, manifest)
+
+    def get(self, stage: str, version: str | None = None) -> Artifact:
+        """The pinned version, or the newest complete one when `version` is None."""
+        if version is None:
+            versions = self.versions(stage)
+            if not versions:
+                raise InputMissingError(
+                    f"no complete {stage} artifact for dataset {self.dataset!r} under "
+                    f"{self.root}: run `personanet {stage}` first"
+                )
+            return versions[-1]
+        folder = self.stage_dir(stage) / version
+        artifact = self._load(stage, folder) if folder.is_dir() else None
+        if artifact is None:
+            raise InputMissingError(
+                f"{stage} artifact {version!r} not found (or incomplete) under {self.dataset_dir}; "
+                "`personanet artifacts list` shows the versions"
+            )
+        return artifact
+
+    def find(self, version: str) -> Artifact:
+        """Any stage's artifact by version id (a unique prefix is enough)."""
+        matches = [a for stage in STAGES for a in self.versions(stage)
+                   if a.version == version or a.version.startswith(version)]
+        exact = [a for a in matches if a.version == version]
+        if exact:
+            return exact[0]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise InputMissingError(f"no artifact {version!r} in dataset {self.dataset!r}")
+        raise UsageError(f"version prefix {version!r} is ambiguous: {len(matches)} artifacts match")
+
+    def find_reusable(self, stage: str, fingerprint: str) -> Artifact | None:
+        """The newest complete artifact computed from identical inputs and config."""
+        for artifact in reversed(self.versions(stage)):
+            if artifact.manifest.get("fingerprint") == fingerprint:
+                return artifact
+        return None
+
+    # ----------------------------------------------------------------- locking
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the root's one-writer lock; waits up to `lock_timeout` s, then exit 75.
+
+        Re-entrant within a process, so `run` can hold it across every stage.
+        """
+        key = self.root.resolve() if self.root.exists() else self.root.absolute()
+        with self._held_guard:
+            if self._held.get(key, 0) > 0:
+                self._held[key] += 1
+                reentered = True
+            else:
+                reentered = False
+        if reentered:
+            try:
+                yield
+            finally:
+                with self._held_guard:
+                    self._held[key] -= 1
+            return
+        fd = self._acquire()
+        with self._held_guard:
+            self._held[key] = 1
+        try:
+            yield
+        finally:
+            with self._held_guard:
+                self._held[key] = 0
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def _acquire(self) -> int:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise OutputError(f"cannot create artifact root {self.root}: {exc.strerror}")
+        deadline = time.monotonic() + max(self.lock_timeout, 0.0)
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise
+            if time.monotonic() >= deadline:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise LockBusyError(
+                    f"artifact root {self.root} is locked by another personanet process{holder}; "
+                    f"waited {self.lock_timeout:g}s: retry later or raise --lock-timeout"
+                )
+            time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+
+    # ----------------------------------------------------------------- writing
+
+    def create(self, stage: str, *, fingerprint: str, inputs: list[dict[str, Any]],
+               config: dict[str, Any], config_hash: str, seed: int | None = None
+               ) -> ArtifactWriter:
+        """Start a new version in a temporary folder; `commit()` makes it visible atomically."""
+        folder = self.stage_dir(stage)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create {folder}: {exc.strerror}")
+        version = new_version()
+        tmp = folder / f"{TMP_PREFIX}{version}"
+        tmp.mkdir()
+        return ArtifactWriter(
+            store=self, stage=stage, version=version, tmp=tmp,
+            manifest={
+                "format": MANIFEST_FORMAT,
+                "stage": stage,
+                "version": version,
+                "dataset": self.dataset,
+                "fingerprint": fingerprint,
+                "inputs": inputs,
+                "config": config,
+                "config_hash": config_hash,
+                "seed": seed,
+            },
+        )
+
+    def stale_temporaries(self) -> list[Path]:
+        """Temporary folders left by crashed writers (safe to delete while holding the lock)."""
+        if not self.dataset_dir.is_dir():
+            return []
+        return sorted(p for stage in STAGES if (self.dataset_dir / stage).is_dir()
+                      for p in (self.dataset_dir / stage).iterdir()
+                      if p.name.startswith(TMP_PREFIX))
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        pid = os.pread(fd, 32, 0).decode().strip()
+    except OSError:
+        return ""
+    return f" (pid {pid})" if pid.isdigit() else ""
+
+
+@dataclass
+class ArtifactWriter:
+    """A version being written. Files go into `tmp`; nothing is visible before commit()."""
+
+    store: ArtifactStore
+    stage: str
+    version: str
+    tmp: Path
+    manifest: dict[str, Any]
+    figures: dict[str, Any] = field(default_factory=dict)
+    _outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def path(self, name: str) -> Path:
+        """Where a stage writes its file `name` (it must then call `add`)."""
+        if "/" in name or name.startswith(".") or name == MANIFEST:
+            raise ValueError(f"bad artifact file name {name!r}")
+        return self.tmp / name
+
+    def add(self, name: str, *, rows: int | None = None, encrypted: bool = False,
+            key_id: str | None = None) -> None:
+        """Record a file written at `path(name)` as an output of this artifact."""
+        if not self.path(name).is_file():
+            raise FileNotFoundError(self.path(name))
+        self._outputs[name] = {"name": name, "rows": rows, "encrypted": encrypted,
+                               "key_id": key_id}
+
+    def write_bytes(self, name: str, data: bytes, *, rows: int | None = None) -> Path:
+        """A readable (non record-level) file: models, metrics, reports."""
+        target = self.path(name)
+        target.write_bytes(data)
+        self.add(name, rows=rows)
+        return target
+
+    def write_json(self, name: str, value: Any) -> Path:
+        return self.write_bytes(name, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+
+    def commit(self) -> Artifact:
+        """Hash and fsync every file, write the manifest, rename into place atomically."""
+        outputs = []
+        for name, entry in sorted(self._outputs.items()):
+            path = self.tmp / name
+            _fsync_path(path)
+            outputs.append({**entry, "sha256": sha256_file(path), "bytes": path.stat().st_size})
+        manifest = {
+            **self.manifest,
+            "created_at": utc_now(),
+            "outputs": outputs,
+            "figures": self.figures,
+            "environment": environment(),
+        }
+        manifest_path = self.tmp / MANIFEST
+        with open(manifest_path, "w", encoding="utf-8") as fh:
+            json.dump(manifest, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        _fsync_path(self.tmp)
+        final = self.tmp.parent / self.version
+        os.rename(self.tmp, final)
+        _fsync_path(final.parent)
+        return Artifact(self.store.dataset, self.stage, self.version, final, manifest)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> ArtifactWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None or self.tmp.exists():
+            # Not committed (error, or the caller forgot): the temp folder must not linger.
+            self.abort()
+
+
+def verify_checksums(artifact: Artifact) -> None:
+    """Every output's sha256 and size match the manifest (IntegrityError naming the file)."""
+    for out in artifact.manifest.get("outputs", []):
+        path = artifact.path / out["name"]
+        if not path.is_file():
+            raise IntegrityError(f"{path}: missing (listed in the manifest)")
+        if path.stat().st_size != out["bytes"] or sha256_file(path) != out["sha256"]:
+            raise IntegrityError(f"{path}: sha256 does not match the manifest")
+
+
+def python_executable() -> str:
+    return sys.executable

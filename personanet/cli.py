@@ -1,0 +1,588 @@
+"""The `personanet` command line: a thin Typer shell over the stage functions.
+
+Each command parses options, loads the config, key and store, calls one
+library function and prints its result. Errors become one line on stderr and
+a sysexits code (SPEC section 1); tracebacks only with --debug. Nothing heavy
+(torch, opacus, polars) is imported here at module level, so `--help` is fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import typer
+
+from personanet import __version__
+from personanet.errors import ConfigError, InternalError, PersonaNetError, UsageError
+
+if TYPE_CHECKING:
+    from personanet.artifacts import ArtifactStore
+    from personanet.config import Config
+    from personanet.crypto import MasterKey
+    from personanet.stage import StageResult
+
+log = logging.getLogger("personanet")
+
+#: options accepted before or after the command name (hoisted before parsing)
+GLOBAL_FLAGS = ("--json", "--quiet", "-q", "--debug")
+GLOBAL_VALUED = ("--config", "--artifacts", "--log-format", "--lock-timeout")
+
+app = typer.Typer(
+    name="personanet",
+    help="Train models on personal records without leaking the people in them.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+artifacts_app = typer.Typer(help="List, inspect, verify and garbage-collect artifacts.",
+                            no_args_is_help=True)
+keys_app = typer.Typer(help="Create and rotate master keys.", no_args_is_help=True)
+budget_app = typer.Typer(help="The per-dataset privacy budget ledger.", no_args_is_help=True)
+app.add_typer(artifacts_app, name="artifacts")
+app.add_typer(keys_app, name="keys")
+app.add_typer(budget_app, name="budget")
+
+
+@dataclass
+class Options:
+    config: Path | None = None
+    artifacts: Path = Path("artifacts")
+    json: bool = False
+    quiet: bool = False
+    debug: bool = False
+    log_format: str = "text"
+    lock_timeout: float = 60.0
+    command: str = ""
+
+
+_options = Options()
+
+
+# ------------------------------------------------------------------ plumbing
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
+        return f"personanet: {prefix}{record.getMessage()}"
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + "Z",
+                 "level": record.levelname.lower(), "message": record.getMessage()}
+        entry.update(getattr(record, "fields", {}))
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def _setup_logging(opts: Options) -> None:
+    import time
+
+    handler = logging.StreamHandler(sys.stderr)
+    formatter = _JsonFormatter() if opts.log_format == "json" else _TextFormatter()
+    formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(logging.DEBUG if opts.debug else logging.ERROR if opts.quiet else logging.INFO)
+
+
+def hoist_global_options(argv: list[str]) -> list[str]:
+    """Move global options found after the command name to the front.
+
+    So `personanet collect --json` means `personanet --json collect`.
+    """
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token == "--":
+            rest.extend(argv[i:])
+            break
+        name = token.split("=", 1)[0]
+        if token in GLOBAL_FLAGS:
+            front.append(token)
+        elif name in GLOBAL_VALUED and "=" in token:
+            front.append(token)
+        elif token in GLOBAL_VALUED and i + 1 < len(argv):
+            front.extend(argv[i:i + 2])
+            i += 1
+        else:
+            rest.append(token)
+        i += 1
+    return front + rest
+
+
+def _print_error(exc: BaseException, code: int) -> None:
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if _options.log_format == "json":
+        sys.stderr.write(json.dumps({"level": "error", "message": message, "exit_code": code},
+                                    ensure_ascii=False) + "\n")
+    else:
+        sys.stderr.write(f"personanet: error: {message}\n")
+    if _options.json:
+        sys.stdout.write(json.dumps({"stage": _options.command or None, "error": message,
+                                     "exit_code": code}, ensure_ascii=False) + "\n")
+
+
+def run_cli(argv: list[str]) -> int:
+    """Run one command; returns its exit status (never raises for user errors)."""
+    global _options
+    _options = Options()
+    argv = hoist_global_options(argv)
+    _options.json = "--json" in argv
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=argv, prog_name="personanet", standalone_mode=False)
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        sys.stderr.write("personanet: aborted\n")
+        return 130
+    except typer.TyperException as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            sys.stderr.write(exc.format_message() + "\n")
+            return 2
+        # Usage errors from the parser: one line, exit 2.
+        _print_error(UsageError(f"{exc.format_message()} (see `personanet --help`)"), 2)
+        return 2
+    except PersonaNetError as exc:
+        if _options.debug:
+            traceback.print_exc()
+        _print_error(exc, exc.exit_code)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("personanet: interrupted\n")
+        return 130
+    except MemoryError as exc:
+        _print_error(InternalError(f"out of memory: {exc}"), 70)
+        return 70
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: never a bare traceback
+        if _options.debug:
+            traceback.print_exc()
+        _print_error(InternalError(f"internal error ({type(exc).__name__}: {exc}); rerun with "
+                                   "--debug for a traceback and report it"), 70)
+        return 70
+    return result if isinstance(result, int) else 0
+
+
+def main() -> NoReturn:
+    sys.exit(run_cli(sys.argv[1:]))
+
+
+def _config() -> Config:
+    from personanet.config import load_config
+
+    if _options.config is None:
+        raise ConfigError("no config: pass --config PATH or set PERSONANET_CONFIG")
+    return load_config(_options.config)
+
+
+def _store(config: Config) -> ArtifactStore:
+    from personanet.artifacts import ArtifactStore
+
+    return ArtifactStore(_options.artifacts, config.dataset.name,
+                         lock_timeout=_options.lock_timeout)
+
+
+def _key() -> MasterKey:
+    from personanet.crypto import load_master_key
+
+    return load_master_key()
+
+
+def _emit(results: list[StageResult] | StageResult, *, extra: dict[str, Any] | None = None
+          ) -> None:
+    """stdout: one JSON object (--json) or one line per stage; the table goes to stderr."""
+    items = results if isinstance(results, list) else [results]
+    if _options.json:
+        if len(items) == 1 and not extra:
+            payload = items[0].to_json()
+        else:
+            payload = {"stage": _options.command, "stages": [r.to_json() for r in items],
+                       **(extra or {})}
+        sys.stdout.write(json.dumps(payload, ensure_ascii=False, default=str) + "\n")
+        return
+    for r in items:
+        reused = "reused" if r.reused else "new"
+        rows = r.figures.get("rows")
+        figures = f" rows={rows}" if rows is not None else ""
+        sys.stdout.write(f"{r.stage} {r.version} {reused}{figures} {r.path}\n")
+        for warning in r.warnings:
+            log.warning(warning)
+    if not _options.quiet:
+        _render_summary(items)
+
+
+def _render_summary(items: list[StageResult]) -> None:
+    from rich.table import Table
+
+    from personanet.ui import console
+
+    table = Table(title="personanet", show_header=True, header_style="bold")
+    for column in ("stage", "version", "reused", "figures"):
+        table.add_column(column)
+    for r in items:
+        shown = {k: v for k, v in r.figures.items() if isinstance(v, (int, float, str, bool))}
+        table.add_row(r.stage, r.version, "yes" if r.reused else "no",
+                      ", ".join(f"{k}={_short(v)}" for k, v in list(shown.items())[:8]))
+    console().print(table)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _not_implemented(what: str) -> NoReturn:
+    raise InternalError(f"`personanet {what}` is not implemented yet")
+
+
+# ------------------------------------------------------------------ global options
+
+
+@app.callback()
+def _global(
+    ctx: typer.Context,
+    config: Path = typer.Option(None, "--config", envvar="PERSONANET_CONFIG",
+                                help="TOML config of the dataset and pipeline.",
+                                show_default=False),
+    artifacts: Path = typer.Option(Path("artifacts"), "--artifacts",
+                                   envvar="PERSONANET_ARTIFACTS", help="Artifact root."),
+    json_output: bool = typer.Option(False, "--json",
+                                     help="Print exactly one JSON object on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors on stderr."),
+    debug: bool = typer.Option(False, "--debug", help="Tracebacks for errors."),
+    log_format: str = typer.Option("text", "--log-format", envvar="PERSONANET_LOG_FORMAT",
+                                   help="stderr log lines: text or json."),
+    lock_timeout: float = typer.Option(60.0, "--lock-timeout", envvar="PERSONANET_LOCK_TIMEOUT",
+                                       help="Seconds to wait for the artifact root's lock "
+                                            "before exiting 75."),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+) -> None:
+    """Train models on personal records without leaking the people in them.
+
+    Example:
+
+        personanet keys generate ~/.personanet.key
+
+        export PERSONANET_KEY_FILE=~/.personanet.key
+
+        personanet --config configs/persona.toml run
+    """
+    if version:
+        sys.stdout.write(f"personanet {__version__}\n")
+        raise typer.Exit(0)
+    if log_format not in ("text", "json"):
+        raise UsageError(f"--log-format must be text or json, not {log_format!r}")
+    _options.config = config
+    _options.artifacts = artifacts
+    _options.json = json_output
+    _options.quiet = quiet
+    _options.debug = debug
+    _options.log_format = log_format
+    _options.lock_timeout = lock_timeout
+    _options.command = ctx.invoked_subcommand or ""
+    _setup_logging(_options)
+    from personanet import ui
+
+    ui.configure(quiet=quiet or json_output and not sys.stderr.isatty())
+
+
+# ------------------------------------------------------------------ stages
+
+
+@app.command()
+def collect(
+    source: list[str] = typer.Option(None, "--source", help="File or glob to read instead of "
+                                     "dataset.source (repeatable)."),
+    force: bool = typer.Option(False, "--force", help="Recompute even if identical."),
+) -> None:
+    """Read raw records into a new encrypted `collect` artifact.
+
+    Example:
+
+        personanet --config configs/persona.toml collect --source exports/2026-*.csv.gz
+    """
+    from personanet.collect import collect as run_collect
+
+    config = _config()
+    _emit(run_collect(config, _store(config), _key(), sources=source or None, force=force))
+
+
+@app.command()
+def clean(
+    input_version: str = typer.Option(None, "--input", help="collect version (default: newest)."),
+    force: bool = typer.Option(False, "--force", help="Recompute even if identical."),
+) -> None:
+    """Dedupe, denoise, impute, pseudonymize, bound contributions and split.
+
+    Example:
+
+        personanet --config configs/persona.toml clean
+    """
+    try:
+        from personanet.clean import clean as run_clean
+    except ImportError:
+        _not_implemented("clean")
+    config = _config()
+    _emit(run_clean(config, _store(config), _key(), input_version=input_version, force=force))
+
+
+@app.command()
+def train(
+    input_version: str = typer.Option(None, "--input", help="clean version (default: newest)."),
+    force: bool = typer.Option(False, "--force", help="Retrain even if identical (spends budget)."),
+    no_dp: bool = typer.Option(False, "--no-dp", help="Train without privacy, for comparison "
+                               "only (the artifact is marked non-private)."),
+    device: str = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps "
+                               "(default: train.device)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last "
+                                "checkpoint."),
+) -> None:
+    """Train PersonaNet under differential privacy (Opacus DP-SGD).
+
+    Example:
+
+        personanet --config configs/persona.toml train --device auto
+    """
+    try:
+        from personanet.train import train as run_train
+    except ImportError:
+        _not_implemented("train")
+    config = _config()
+    _emit(run_train(config, _store(config), _key(), input_version=input_version, force=force,
+                    no_dp=no_dp, device=device, resume=resume))
+
+
+@app.command()
+def evaluate(
+    model: str = typer.Option(None, "--model", help="train version (default: newest)."),
+    input_version: str = typer.Option(None, "--input", help="clean version (default: the "
+                                      "model's own)."),
+    force: bool = typer.Option(False, "--force", help="Recompute even if identical."),
+) -> None:
+    """Measure utility, fairness per group and membership-inference leakage.
+
+    Example:
+
+        personanet --config configs/persona.toml evaluate
+    """
+    try:
+        from personanet.evaluate import evaluate as run_evaluate
+    except ImportError:
+        _not_implemented("evaluate")
+    config = _config()
+    _emit(run_evaluate(config, _store(config), _key(), model_version=model,
+                       input_version=input_version, force=force))
+
+
+@app.command()
+def predict(
+    source: str = typer.Option(None, "--input", help="CSV/CSV.gz/Parquet/NDJSON file to score "
+                               "(default: predict.source)."),
+    clean_version: str = typer.Option(None, "--clean", help="Score a clean artifact's test "
+                                      "split instead of a file."),
+    model: str = typer.Option(None, "--model", help="train version (default: newest)."),
+    output: Path = typer.Option(None, "--output", help="Also write the predictions here."),
+    plaintext_output: bool = typer.Option(False, "--plaintext-output", help="Write --output "
+                                          "as plaintext CSV (predictions are about people)."),
+    device: str = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    force: bool = typer.Option(False, "--force", help="Recompute even if identical."),
+) -> None:
+    """Score new records with a trained model, in streamed batches.
+
+    Example:
+
+        personanet --config configs/persona.toml predict --input data/persona_new.csv
+    """
+    try:
+        from personanet.predict import predict as run_predict
+    except ImportError:
+        _not_implemented("predict")
+    config = _config()
+    _emit(run_predict(config, _store(config), _key(), source=source, clean_version=clean_version,
+                      model_version=model, output=output, plaintext_output=plaintext_output,
+                      device=device, force=force))
+
+
+@app.command()
+def run(
+    force: str = typer.Option(None, "--force", help="Recompute from this stage on "
+                              "(collect, clean, train, evaluate, predict)."),
+    device: str = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
+) -> None:
+    """Run every stage in order, reusing identical earlier artifacts.
+
+    Example:
+
+        personanet --config configs/persona.toml run
+    """
+    try:
+        from personanet.pipeline import run_pipeline
+    except ImportError:
+        _not_implemented("run")
+    config = _config()
+    results = run_pipeline(config, _store(config), _key(), force_from=force, device=device)
+    _emit(results)
+    return None
+
+
+# ------------------------------------------------------------------ artifacts
+
+
+@artifacts_app.command("list")
+def artifacts_list(
+    stage: str = typer.Option(None, "--stage", help="Only this stage."),
+) -> None:
+    """List complete artifacts, oldest first.
+
+    Example:
+
+        personanet --config configs/persona.toml artifacts list --stage train
+    """
+    from personanet.artifacts import STAGES
+
+    if stage is not None and stage not in STAGES:
+        raise UsageError(f"--stage must be one of {', '.join(STAGES)}")
+    rows = [
+        {"dataset": a.dataset, "stage": a.stage, "version": a.version,
+         "created_at": a.created_at, "path": str(a.path)}
+        for store in _stores() for s in ([stage] if stage else STAGES)
+        for a in store.versions(s)
+    ]
+    if _options.json:
+        sys.stdout.write(json.dumps({"stage": "artifacts", "artifacts": rows}) + "\n")
+        return
+    for row in rows:
+        sys.stdout.write(f"{row['dataset']}\t{row['stage']}\t{row['version']}\t"
+                         f"{row['created_at']}\n")
+
+
+def _stores() -> list[ArtifactStore]:
+    """The configured dataset's store, or every dataset under the root without a config."""
+    from personanet.artifacts import ArtifactStore
+
+    if _options.config is not None:
+        return [_store(_config())]
+    root = _options.artifacts
+    if not root.is_dir():
+        return []
+    return [ArtifactStore(root, d.name, lock_timeout=_options.lock_timeout)
+            for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+
+
+@artifacts_app.command("show")
+def artifacts_show(version: str = typer.Argument(..., help="Version id (or a unique prefix).")
+                   ) -> None:
+    """Print an artifact's manifest.
+
+    Example:
+
+        personanet artifacts show 20261125T180102
+    """
+    from personanet.errors import InputMissingError
+
+    for store in _stores():
+        try:
+            artifact = store.find(version)
+        except InputMissingError:
+            continue
+        sys.stdout.write(json.dumps(artifact.manifest, indent=None if _options.json else 2) + "\n")
+        return
+    raise InputMissingError(f"no artifact {version!r} under {_options.artifacts}")
+
+
+@artifacts_app.command("verify")
+def artifacts_verify(version: str = typer.Argument(None, help="Only this version.")) -> None:
+    """Check every file's sha256 and authenticate every encrypted file end to end.
+
+    Example:
+
+        personanet artifacts verify
+    """
+    _not_implemented("artifacts verify")
+
+
+@artifacts_app.command("gc")
+def artifacts_gc(
+    keep: int = typer.Option(..., "--keep", help="Versions to keep per stage."),
+    yes: bool = typer.Option(False, "--yes", help="Delete (default: dry run)."),
+) -> None:
+    """Remove old versions that no kept artifact depends on (dry run unless --yes).
+
+    Example:
+
+        personanet artifacts gc --keep 3 --yes
+    """
+    _not_implemented("artifacts gc")
+
+
+# ------------------------------------------------------------------ keys, budget
+
+
+@keys_app.command("generate")
+def keys_generate(path: Path = typer.Argument(..., help="Where to write the new key (0600).")
+                  ) -> None:
+    """Write a new random master key to PATH, readable by you only.
+
+    Example:
+
+        personanet keys generate ~/.config/personanet/master.key
+    """
+    from personanet.crypto import MasterKey, write_key_file
+
+    key = MasterKey.generate()
+    write_key_file(path, key)
+    if _options.json:
+        sys.stdout.write(json.dumps({"stage": "keys", "path": str(path),
+                                     "key_id": key.key_id}) + "\n")
+    else:
+        sys.stdout.write(f"wrote key {key.key_id} to {path}\n")
+        log.info("export PERSONANET_KEY_FILE=%s", path)
+
+
+@keys_app.command("rotate")
+def keys_rotate() -> None:
+    """Re-wrap every data key under a new master key (payloads are not rewritten).
+
+    Example:
+
+        PERSONANET_NEW_KEY_FILE=new.key personanet keys rotate
+    """
+    _not_implemented("keys rotate")
+
+
+@budget_app.command("show")
+def budget_show() -> None:
+    """Print the dataset's privacy budget: spent, reserved, remaining, and every run.
+
+    Example:
+
+        personanet --config configs/persona.toml budget show
+    """
+    try:
+        from personanet.privacy import budget_summary, render_budget
+    except ImportError:
+        _not_implemented("budget show")
+    config = _config()
+    summary = budget_summary(config, _store(config))
+    if _options.json:
+        sys.stdout.write(json.dumps({"stage": "budget", **summary}, default=str) + "\n")
+        return
+    from personanet.ui import console
+
+    console().file = sys.stdout
+    console().print(render_budget(summary))
+
+
+if os.environ.get("PERSONANET_DEBUG_IMPORTS"):  # pragma: no cover - diagnostics only
+    sys.stderr.write(f"loaded {__name__}\n")

@@ -1,0 +1,58 @@
+"""Progress on stderr, only where a person is watching.
+
+Bars appear only when stderr is a terminal, `--quiet` is off and TERM is not
+"dumb"; NO_COLOR removes colour. Stages call `progress()`/`track()` and never
+ask where output goes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_enabled: bool | None = None
+
+
+def configure(*, quiet: bool) -> None:
+    """Decide once, from the CLI, whether bars are drawn."""
+    global _enabled
+    _enabled = (not quiet and sys.stderr.isatty() and os.environ.get("TERM") != "dumb")
+
+
+def enabled() -> bool:
+    return bool(_enabled)
+
+
+def console() -> Any:
+    """A rich console on stderr that honours NO_COLOR and TERM=dumb."""
+    from rich.console import Console
+
+    return Console(stderr=True, no_color="NO_COLOR" in os.environ or None,
+                   force_terminal=None)
+
+
+@contextlib.contextmanager
+def progress(description: str, total: float | None = None) -> Iterator[Callable[[float], None]]:
+    """Yields `advance(n)`; draws a rich bar on stderr only when enabled."""
+    if not enabled():
+        yield lambda n=1: None
+        return
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn)
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console(), transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n=1: bar.advance(task, n)
+
+
+def track(items: Iterable[T], description: str, total: float | None = None) -> Iterator[T]:
+    with progress(description, total) as advance:
+        for item in items:
+            yield item
+            advance(1)
