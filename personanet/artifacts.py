@@ -270,7 +270,8 @@ class ArtifactStore:
             self.root.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
-            raise OutputError(f"cannot create artifact root {self.root}: {exc.strerror}")
+            raise OutputError(
+                f"cannot create artifact root {self.root}: {exc.strerror}") from exc
         deadline = time.monotonic() + max(self.lock_timeout, 0.0)
         while True:
             try:
@@ -302,7 +303,7 @@ class ArtifactStore:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise OutputError(f"cannot create {folder}: {exc.strerror}")
+            raise OutputError(f"cannot create {folder}: {exc.strerror}") from exc
         version = new_version()
         tmp = folder / f"{TMP_PREFIX}{version}"
         tmp.mkdir()

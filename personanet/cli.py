@@ -104,20 +104,18 @@ def hoist_global_options(argv: list[str]) -> list[str]:
     rest: list[str] = []
     i = 0
     while i < len(argv):
-        token = argv[i]
-        if token == "--":
+        word = argv[i]
+        if word == "--":
             rest.extend(argv[i:])
             break
-        name = token.split("=", 1)[0]
-        if token in GLOBAL_FLAGS:
-            front.append(token)
-        elif name in GLOBAL_VALUED and "=" in token:
-            front.append(token)
-        elif token in GLOBAL_VALUED and i + 1 < len(argv):
+        name = word.split("=", 1)[0]
+        if word in GLOBAL_FLAGS or name in GLOBAL_VALUED and "=" in word:
+            front.append(word)
+        elif word in GLOBAL_VALUED and i + 1 < len(argv):
             front.extend(argv[i:i + 2])
             i += 1
         else:
-            rest.append(token)
+            rest.append(word)
         i += 1
     return front + rest
 
@@ -249,6 +247,12 @@ def _not_implemented(what: str) -> NoReturn:
 # ------------------------------------------------------------------ global options
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"personanet {__version__}\n")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _global(
     ctx: typer.Context,
@@ -266,7 +270,8 @@ def _global(
     lock_timeout: float = typer.Option(60.0, "--lock-timeout", envvar="PERSONANET_LOCK_TIMEOUT",
                                        help="Seconds to wait for the artifact root's lock "
                                             "before exiting 75."),
-    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.",
+                                 is_eager=True, callback=lambda v: _print_version(v)),
 ) -> None:
     """Train models on personal records without leaking the people in them.
 
@@ -278,9 +283,6 @@ def _global(
 
         personanet --config configs/persona.toml run
     """
-    if version:
-        sys.stdout.write(f"personanet {__version__}\n")
-        raise typer.Exit(0)
     if log_format not in ("text", "json"):
         raise UsageError(f"--log-format must be text or json, not {log_format!r}")
     _options.config = config
@@ -505,11 +507,22 @@ def artifacts_show(version: str = typer.Argument(..., help="Version id (or a uni
 def artifacts_verify(version: str = typer.Argument(None, help="Only this version.")) -> None:
     """Check every file's sha256 and authenticate every encrypted file end to end.
 
+    Exit 0 when everything holds, 65 naming the first bad file.
+
     Example:
 
         personanet artifacts verify
     """
-    _not_implemented("artifacts verify")
+    from dataclasses import asdict
+
+    from personanet.housekeeping import verify
+
+    report = verify(_stores(), _key(), version=version)
+    if _options.json:
+        sys.stdout.write(json.dumps({"stage": "verify", "ok": True, **asdict(report)}) + "\n")
+    else:
+        sys.stdout.write(f"ok: {report.artifacts} artifacts, {report.files} files "
+                         f"({report.encrypted_files} encrypted) verified\n")
 
 
 @artifacts_app.command("gc")
@@ -519,11 +532,30 @@ def artifacts_gc(
 ) -> None:
     """Remove old versions that no kept artifact depends on (dry run unless --yes).
 
+    The budget ledger is never touched: spent privacy stays spent.
+
     Example:
 
         personanet artifacts gc --keep 3 --yes
     """
-    _not_implemented("artifacts gc")
+    from dataclasses import asdict
+
+    from personanet.housekeeping import gc
+
+    plans = {store.dataset: gc(store, keep=keep, yes=yes) for store in _stores()}
+    if _options.json:
+        sys.stdout.write(json.dumps({"stage": "gc", "dry_run": not yes,
+                                     "datasets": {k: asdict(v) for k, v in plans.items()}})
+                         + "\n")
+        return
+    verb = "removed" if yes else "would remove"
+    for dataset, plan in plans.items():
+        for item in plan.remove:
+            sys.stdout.write(f"{verb} {dataset}/{item}\n")
+        sys.stdout.write(f"{dataset}: keep {len(plan.keep)}, {verb} {len(plan.remove)} "
+                         f"({plan.bytes_freed} bytes)\n")
+    if not yes:
+        log.info("dry run: add --yes to delete")
 
 
 # ------------------------------------------------------------------ keys, budget
@@ -551,14 +583,38 @@ def keys_generate(path: Path = typer.Argument(..., help="Where to write the new 
 
 
 @keys_app.command("rotate")
-def keys_rotate() -> None:
+def keys_rotate(
+    new_key_file: Path = typer.Option(..., "--new-key-file", envvar="PERSONANET_NEW_KEY_FILE",
+                                      help="Key file made by `keys generate` (the key itself "
+                                           "never goes on the command line)."),
+) -> None:
     """Re-wrap every data key under a new master key (payloads are not rewritten).
+
+    The current key comes from PERSONANET_KEY_FILE / PERSONANET_KEY as usual. Safe to
+    re-run after an interruption: files already under the new key are skipped.
 
     Example:
 
-        PERSONANET_NEW_KEY_FILE=new.key personanet keys rotate
+        personanet keys generate new.key
+
+        personanet keys rotate --new-key-file new.key
+
+        export PERSONANET_KEY_FILE=new.key
     """
-    _not_implemented("keys rotate")
+    from dataclasses import asdict
+
+    from personanet.crypto import load_master_key
+    from personanet.housekeeping import rotate
+
+    new = load_master_key({"PERSONANET_KEY_FILE": str(new_key_file)})
+    report = rotate(_options.artifacts, _key(), new, lock_timeout=_options.lock_timeout)
+    if _options.json:
+        sys.stdout.write(json.dumps({"stage": "keys", **asdict(report)}) + "\n")
+    else:
+        sys.stdout.write(f"rotated {report.files_rewrapped} files from key {report.old_key_id} "
+                         f"to {report.new_key_id} ({report.files_already_rotated} already "
+                         "rotated)\n")
+        log.info("now use the new key: export PERSONANET_KEY_FILE=%s", new_key_file)
 
 
 @budget_app.command("show")

@@ -124,7 +124,7 @@ def _conform(frame: Any, config: Config, path: Path, report: CollectReport) -> A
     for name in frame.columns:
         if name not in config.columns and name not in report.columns_dropped:
             report.columns_dropped.append(name)
-    for name, col in config.columns.items():
+    for name in config.columns:
         if name not in present and name not in report.columns_absent:
             report.columns_absent.append(name)
     exprs = [pl.col(n) if n in present else pl.lit(None, dtype=pl.String).alias(n)

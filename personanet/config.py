@@ -231,13 +231,14 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     try:
         text = p.read_bytes()
     except FileNotFoundError:
-        raise ConfigError(f"config file {p} not found: pass --config PATH or set PERSONANET_CONFIG")
+        raise ConfigError(
+            f"config file {p} not found: pass --config PATH or set PERSONANET_CONFIG") from None
     except OSError as exc:
-        raise ConfigError(f"cannot read config {p}: {exc.strerror}")
+        raise ConfigError(f"cannot read config {p}: {exc.strerror}") from exc
     try:
         raw = tomllib.loads(text.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{p} is not valid TOML: {exc}")
+        raise ConfigError(f"{p} is not valid TOML: {exc}") from exc
     return parse_config(raw, path=p)
 
 
@@ -402,7 +403,8 @@ def _normalise_column(col: ColumnConfig) -> ColumnConfig:
     if impute is not None:
         if isinstance(impute, str) and impute in IMPUTE_RULES:
             if impute == "midpoint" and kind not in ("numeric", "datetime"):
-                raise ConfigError(f"{where}.impute = \"midpoint\" needs a numeric or datetime column")
+                raise ConfigError(
+                    f"{where}.impute = \"midpoint\" needs a numeric or datetime column")
             if impute == "missing" and kind != "categorical":
                 raise ConfigError(f"{where}.impute = \"missing\" needs a categorical column")
         elif kind == "numeric":
@@ -506,7 +508,8 @@ def _instant(value: Any, key: str) -> str:
         try:
             moment = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
-            raise ConfigError(f"{key}: {value!r} is not an ISO date such as \"2024-01-31\"")
+            raise ConfigError(
+                f"{key}: {value!r} is not an ISO date such as \"2024-01-31\"") from None
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=dt.UTC)
     else:

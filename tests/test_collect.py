@@ -108,7 +108,8 @@ def test_malformed_sources_exit_65_with_one_line(cli, key_env, tmp_path: Path,
                                                  content: bytes | None, message: str) -> None:
     source = tmp_path / "bad.csv"
     if content is None:
-        content = gzip.open(SAMPLE).readline()  # the real header, no rows
+        with gzip.open(SAMPLE) as fh:
+            content = fh.readline()  # the real header, no rows
     source.write_bytes(content)
     config = write_config(tmp_path / "c.toml", source)
     result = cli("--config", config, "collect")
