@@ -128,3 +128,23 @@ def test_cli_bad_config_exits_78_with_one_line(cli, tmp_path: Path) -> None:
     assert result.code == 78
     assert result.stderr.strip().count("\n") == 0
     assert "train.epohcs" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_readme_documents_every_config_key() -> None:
+    import dataclasses
+
+    from personanet import config as cfg
+
+    readme = (CONFIG.parent.parent / "README.md").read_text()
+    sections = {"dataset": cfg.DatasetConfig, "columns.NAME": cfg.ColumnConfig,
+                "clean": cfg.CleanConfig, "train": cfg.TrainConfig, "budget": cfg.BudgetConfig,
+                "evaluate": cfg.EvaluateConfig, "predict": cfg.PredictConfig}
+    missing = []
+    for section, cls in sections.items():
+        start = readme.index(f"### `[{section}]`")
+        end = readme.find("\n### ", start + 1)
+        text = readme[start:end if end > 0 else None]
+        missing += [f"{section}.{f.name}" for f in dataclasses.fields(cls)
+                    if f.name != "name" or section == "dataset"
+                    if f"`{f.name}`" not in text]
+    assert missing == []
