@@ -128,8 +128,9 @@ def _print_error(exc: BaseException, code: int) -> None:
     else:
         sys.stderr.write(f"personanet: error: {message}\n")
     if _options.json:
-        sys.stdout.write(json.dumps({"stage": _options.command or None, "error": message,
-                                     "exit_code": code}, ensure_ascii=False) + "\n")
+        payload = {"stage": _options.command or None,
+                   **getattr(exc, "payload", {}), "error": message, "exit_code": code}
+        sys.stdout.write(json.dumps(payload, ensure_ascii=False, default=str) + "\n")
 
 
 def run_cli(argv: list[str]) -> int:

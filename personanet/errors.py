@@ -6,11 +6,22 @@ one-line message. Messages say what is wrong and how to fix it, in one line.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class PersonaNetError(Exception):
-    """Base class: an error the user can act on. Never shown with a traceback."""
+    """Base class: an error the user can act on. Never shown with a traceback.
+
+    `payload` carries what the command did produce before failing (an evaluate
+    report whose gate failed, the stages `run` finished); `--json` prints it
+    with the error.
+    """
 
     exit_code: int = 70
+
+    def __init__(self, message: str, *, payload: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.payload = payload or {}
 
 
 class UsageError(PersonaNetError):

@@ -14,7 +14,7 @@ import logging
 from personanet.artifacts import STAGES, ArtifactStore
 from personanet.config import Config
 from personanet.crypto import MasterKey
-from personanet.errors import UsageError
+from personanet.errors import PersonaNetError, UsageError
 from personanet.stage import StageResult
 
 log = logging.getLogger("personanet")
@@ -27,6 +27,21 @@ def run_pipeline(config: Config, store: ArtifactStore, key: MasterKey, *,
         raise UsageError(f"--force takes a stage: {', '.join(STAGES)}")
     forced = set(STAGES[STAGES.index(force_from):]) if force_from else set()
     results: list[StageResult] = []
+    try:
+        _run_stages(config, store, key, forced, device, results)
+    except PersonaNetError as exc:
+        # What finished stays finished (and reusable); --json shows it beside the error.
+        exc.payload = {"stages": [r.to_json() for r in results],
+                       "failed_stage": exc.payload or None}
+        raise
+    return results
+
+
+def _run_stages(config: Config, store: ArtifactStore, key: MasterKey, forced: set[str],
+                device: str | None, results: list[StageResult]) -> None:
+    # Each stage reads exactly the version its predecessor just produced or reused: "newest"
+    # could be another artifact when the config went back to an earlier state.
+    produced: dict[str, str] = {}
     with store.lock():
         for stage in STAGES:
             try:
@@ -40,15 +55,19 @@ def run_pipeline(config: Config, store: ArtifactStore, key: MasterKey, *,
             if stage == "collect":
                 result = module.collect(config, store, key, force=force)
             elif stage == "clean":
-                result = module.clean(config, store, key, force=force)
+                result = module.clean(config, store, key, force=force,
+                                      input_version=produced["collect"])
             elif stage == "train":
-                result = module.train(config, store, key, force=force, device=device)
+                result = module.train(config, store, key, force=force, device=device,
+                                      input_version=produced["clean"])
             elif stage == "evaluate":
-                result = module.evaluate(config, store, key, force=force)
+                result = module.evaluate(config, store, key, force=force,
+                                         model_version=produced["train"])
             else:
                 if not config.predict.source:
                     log.info("run: predict skipped: no predict.source in the config")
                     continue
-                result = module.predict(config, store, key, force=force, device=device)
+                result = module.predict(config, store, key, force=force, device=device,
+                                        model_version=produced["train"])
+            produced[stage] = result.version
             results.append(result)
-    return results

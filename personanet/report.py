@@ -1,0 +1,517 @@
+"""What evaluate writes for people: metrics.json's structure, report.md, the PNG plots, a summary.
+
+One dict (``metrics``, saved as metrics.json) is the single source; report.md,
+the rich summary on stderr and the gates are views of it. It holds only
+aggregates over people, never a record, so it stays unencrypted (SPEC 3).
+
+metrics.json::
+
+    {
+      "schema": 1,
+      "task": "classification" | "regression",
+      "model": {
+        "version": "...",            # the model artifact's version id
+        "private": true,             # false for a --no-dp model
+        "epsilon": 1.0,              # the accountant's epsilon (None when not private)
+        "delta": 1e-05,              # None when not private
+        # optional: "privacy_unit" ("email"), "target", "classes" [..],
+        #           "noise_multiplier", "sample_rate", "steps", "accountant"
+      },
+      "data": {...},                 # optional: test artifact version, n_train, n_test, ...
+      "overall": {...},              # metrics.classification_metrics / regression_metrics
+      "ci": {                        # percentile bootstrap over test people
+        "level": 0.95, "n_resamples": 200, "seed": 42,
+        "intervals": {"accuracy": [low, high], ...}   # [None, None] where undefined
+      },
+      "groups": {                    # metrics.group_metrics, one entry per sensitive column
+        "sex": {
+          "groups": {"Female": {"n": 5421, "accuracy": ..., ...},
+                     "Other": {"n": 3, "suppressed": true}},
+          "gaps": {"accuracy": {"gap": 0.07, "max_group": "Female", "max": 0.91,
+                                "min_group": "Male", "min": 0.84}, "f1": None, ...}
+        }
+      },
+      "audit": {...} | None,         # audit.AuditResult.to_json(); None when the audit is off
+      "gates": [                     # build_gates(); evaluate exits 69 if any passed == false
+        {"name": "min_accuracy", "rule": ">=", "threshold": 0.8, "value": 0.84,
+         "passed": true, "detail": "test accuracy"}
+      ]
+    }
+
+Any number may be None where it is undefined (a ROC AUC with one class
+present). ``passed`` is None where a gate does not apply (the audit gate of a
+non-private model, a gap gate with fewer than two reportable groups).
+
+Plots are drawn with matplotlib's Agg canvas (no display, no global backend
+switch), imported only when `write_plots` runs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from rich.table import Table
+
+SCHEMA_VERSION = 1
+#: overall metrics shown in report.md and the summary, in order, with their labels
+CLASSIFICATION_ROWS = (("accuracy", "Accuracy"), ("balanced_accuracy", "Balanced accuracy"),
+                       ("precision", "Precision"), ("recall", "Recall"), ("f1", "F1"),
+                       ("roc_auc", "ROC AUC"), ("log_loss", "Log loss"),
+                       ("ece", "Expected calibration error"))
+REGRESSION_ROWS = (("mae", "MAE"), ("rmse", "RMSE"), ("r2", "R²"))
+#: per-group columns of report.md, by task
+GROUP_COLUMNS = {"classification": (("accuracy", "Accuracy"), ("balanced_accuracy", "Bal. acc."),
+                                    ("f1", "F1"), ("recall", "Recall"),
+                                    ("positive_rate", "Positive rate"), ("roc_auc", "AUC")),
+                 "regression": (("mae", "MAE"), ("rmse", "RMSE"), ("r2", "R²"))}
+#: the metric each group gap gate and the groups plot use, by task
+GROUP_GATE_METRIC = {"classification": "accuracy", "regression": "mae"}
+PLOT_DPI = 110
+
+
+# --- gates ------------------------------------------------------------------------------------
+
+
+def build_gates(*, overall: Mapping[str, Any], groups: Mapping[str, Any] | None = None,
+                audit: Mapping[str, Any] | None = None, min_accuracy: float | None = None,
+                max_group_gap: float | None = None, max_attack_auc: float | None = None,
+                audit_epsilon: bool = True, task: str = "classification"
+                ) -> list[dict[str, Any]]:
+    """The gates of `[evaluate]` checked against the figures; only configured ones appear.
+
+    - ``min_accuracy``: test accuracy >= threshold.
+    - ``max_group_gap``: the largest gap between groups of any sensitive column
+      (accuracy; MAE for regression) <= threshold: a fairness gate.
+    - ``max_attack_auc``: the membership-inference attack's AUC <= threshold.
+    - ``audit_epsilon`` (when an audit ran): the empirical epsilon lower bound
+      <= the claimed epsilon; a failure is evidence the privacy claim is false.
+
+    A gate whose figure is missing (accuracy of a regressor, a gap with one
+    group, an audit that did not run) has ``passed`` None and says why in
+    ``detail``; it does not pass silently, and the caller decides whether a
+    gate it cannot check should stop the run.
+    """
+    gates: list[dict[str, Any]] = []
+    if min_accuracy is not None:
+        value = overall.get("accuracy")
+        gates.append(_gate("min_accuracy", ">=", min_accuracy, value,
+                           "test accuracy" if _number(value) else "no accuracy for this task"))
+    if max_group_gap is not None:
+        metric = GROUP_GATE_METRIC.get(task, "accuracy")
+        column, gap = _largest_gap(groups or {}, metric)
+        if gap is None:
+            gates.append(_gate("max_group_gap", "<=", max_group_gap, None,
+                               f"no sensitive column has two reportable groups ({metric})"))
+        else:
+            detail = (f"{metric} of {column}: {gap['max_group']} {gap['max']:.3f} vs "
+                      f"{gap['min_group']} {gap['min']:.3f}")
+            gates.append(_gate("max_group_gap", "<=", max_group_gap, gap["gap"], detail))
+    if max_attack_auc is not None:
+        value = audit.get("attack_auc") if audit else None
+        gates.append(_gate("max_attack_auc", "<=", max_attack_auc, value,
+                           "membership-inference attack AUC" if audit else "audit did not run"))
+    if audit_epsilon and audit:
+        claimed = audit.get("epsilon_claimed")
+        bound = audit.get("epsilon_lower_bound")
+        if claimed is None:
+            gates.append({"name": "audit_epsilon", "rule": "<=", "threshold": None,
+                          "value": bound, "passed": None,
+                          "detail": "non-private model: no epsilon claim to test"})
+        else:
+            gates.append(_gate("audit_epsilon", "<=", claimed, bound,
+                               "empirical epsilon lower bound vs the claimed epsilon"))
+    return gates
+
+
+def failed_gates(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The gates that failed (``passed`` is False); evaluate exits 69 when any did."""
+    return [g for g in metrics.get("gates", []) if g.get("passed") is False]
+
+
+def _gate(name: str, rule: str, threshold: float, value: Any, detail: str) -> dict[str, Any]:
+    passed: bool | None = None
+    if _number(value):
+        passed = value >= threshold if rule == ">=" else value <= threshold
+    return {"name": name, "rule": rule, "threshold": threshold,
+            "value": value if _number(value) else None, "passed": passed, "detail": detail}
+
+
+def _largest_gap(groups: Mapping[str, Any], metric: str
+                 ) -> tuple[str | None, dict[str, Any] | None]:
+    best: tuple[str | None, dict[str, Any] | None] = (None, None)
+    for column, entry in groups.items():
+        gap = (entry.get("gaps") or {}).get(metric)
+        if gap and (best[1] is None or gap["gap"] > best[1]["gap"]):
+            best = (column, gap)
+    return best
+
+
+# --- report.md --------------------------------------------------------------------------------
+
+
+def privacy_sentence(model: Mapping[str, Any]) -> str:
+    """The model's privacy guarantee in one sentence (a loud warning when it has none)."""
+    if not model.get("private"):
+        return ("**WARNING: this model was trained WITHOUT differential privacy.** It can "
+                "memorise and reveal the people in its training data; use it for comparison "
+                "only, and never ship it or share its outputs.")
+    epsilon, delta = model.get("epsilon"), model.get("delta")
+    if not _number(epsilon) or not _number(delta):
+        raise ValueError("a private model needs model.epsilon and model.delta")
+    epsilon = float(model["epsilon"])
+    unit = model.get("privacy_unit")
+    per = f"per person (privacy unit: `{unit}`)" if unit else "per person"
+    return (f"This model was trained with (ε = {epsilon:.2f}, δ = {_delta(delta)})-differential "
+            f"privacy {per}: adding or removing any one person's records changes the "
+            f"probability of any outcome of training by at most a factor of "
+            f"e^{epsilon:.2f} ≈ {math.exp(epsilon):.2f}, except with probability at most "
+            f"{_delta(delta)}.")
+
+
+def render_markdown(metrics: Mapping[str, Any], *, figures: Sequence[str] = ()) -> str:
+    """report.md: privacy, metrics with CIs, groups and gaps, the audit, gates and figures.
+
+    ``figures`` are the file names `write_plots` returned; they are linked at
+    the end, relative to report.md.
+    """
+    model = metrics.get("model") or {}
+    task = metrics.get("task", "classification")
+    title = f"# Evaluation of model `{model.get('version', '?')}`"
+    if model.get("target"):
+        title += f" (target `{model['target']}`)"
+    lines = [title, "", "## Privacy", "", privacy_sentence(model), ""]
+    lines += _markdown_metrics(metrics, task)
+    lines += _markdown_groups(metrics.get("groups") or {}, task)
+    lines += _markdown_audit(metrics.get("audit"))
+    lines += _markdown_gates(metrics.get("gates") or [])
+    if figures:
+        lines += ["## Figures", ""]
+        lines += [f"![{Path(name).stem}]({name})" for name in figures]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _markdown_metrics(metrics: Mapping[str, Any], task: str) -> list[str]:
+    overall = metrics.get("overall") or {}
+    ci = metrics.get("ci") or {}
+    intervals = ci.get("intervals") or {}
+    level = ci.get("level", 0.95)
+    rows = REGRESSION_ROWS if task == "regression" else CLASSIFICATION_ROWS
+    n = overall.get("n")
+    lines = ["## Metrics", "",
+             f"On {n if n is not None else '?'} held-out people. Intervals: "
+             + (f"{level:.0%} percentile bootstrap over {ci.get('n_resamples')} resamples."
+                if intervals else "not computed."), "",
+             f"| Metric | Value | {level:.0%} CI |", "|---|---:|---:|"]
+    for key, label in rows:
+        if key in overall:
+            lines.append(f"| {label} | {_fmt(overall[key])} | {_interval(intervals.get(key))} |")
+    return [*lines, ""]
+
+
+def _markdown_groups(groups: Mapping[str, Any], task: str) -> list[str]:
+    lines = ["## Groups", ""]
+    if not groups:
+        return [*lines, "No sensitive columns are configured.", ""]
+    columns = GROUP_COLUMNS.get(task, GROUP_COLUMNS["classification"])
+    lines += ["Every metric per value of each sensitive column. Suppressed groups are too small "
+              "to report without describing individual people.", ""]
+    for column, entry in groups.items():
+        lines += [f"### `{column}`", "",
+                  "| Group | n | " + " | ".join(label for _, label in columns) + " |",
+                  "|---|---:|" + "---:|" * len(columns)]
+        for value, figures in (entry.get("groups") or {}).items():
+            if figures.get("suppressed"):
+                cells = ["suppressed"] + [""] * (len(columns) - 1)
+            else:
+                cells = [_fmt(figures.get(key)) for key, _ in columns]
+            lines.append(f"| {_cell(value)} | {figures.get('n', '?')} | " + " | ".join(cells)
+                         + " |")
+        gaps = [(key, label, (entry.get("gaps") or {}).get(key)) for key, label in columns]
+        shown = [(label, gap) for _, label, gap in gaps if gap]
+        lines.append("")
+        if shown:
+            lines.append("Largest gaps between groups:")
+            lines.append("")
+            lines += [f"- {label}: {gap['gap']:.3f} ({_cell(gap['max_group'])} {gap['max']:.3f} "
+                      f"vs {_cell(gap['min_group'])} {gap['min']:.3f})" for label, gap in shown]
+        else:
+            lines.append("Fewer than two reportable groups: no gaps.")
+        lines.append("")
+    return lines
+
+
+def _markdown_audit(audit: Mapping[str, Any] | None) -> list[str]:
+    lines = ["## Membership-inference audit", ""]
+    if not audit:
+        return [*lines, "The audit did not run.", ""]
+    claimed = audit.get("epsilon_claimed")
+    bound = audit.get("epsilon_lower_bound")
+    confidence = audit.get("confidence", 0.95)
+    lines += [
+        "A loss-threshold attack guesses who was in the training data; the empirical ε is "
+        f"a lower bound at {confidence:.0%} confidence on the privacy loss it demonstrates "
+        "(Jagielski et al. 2020).", "",
+        "| Claimed ε | Empirical ε lower bound | Attack AUC | TPR @ 1% FPR | TPR @ 0.1% FPR "
+        "| Members | Non-members |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {_fmt(claimed, 2) if claimed is not None else 'none (non-private)'} "
+        f"| {_fmt(bound, 2)} | {_fmt(audit.get('attack_auc'))} "
+        f"| {_fmt(audit.get('tpr_at_1pct_fpr'), 4)} | {_fmt(audit.get('tpr_at_01pct_fpr'), 4)} "
+        f"| {audit.get('n_members', '?')} | {audit.get('n_nonmembers', '?')} |", ""]
+    if claimed is None:
+        lines.append(f"No privacy claim to test: the attack demonstrates ε ≥ {_fmt(bound, 2)}.")
+    elif _number(bound) and bound > claimed:
+        lines.append(f"**The audit refutes the claim:** the attack demonstrates ε ≥ "
+                     f"{bound:.2f} > {claimed:.2f}. The noise, the sampling or the privacy "
+                     "accounting is broken, or data leaked around training. Do not ship.")
+    else:
+        proven = float(audit["epsilon_lower_bound"]) if _number(bound) else 0.0
+        shown = (f"demonstrates ε ≥ {proven:.2f}, within" if proven > 0
+                 else "demonstrates no measurable privacy loss (bound 0), within")
+        lines.append(f"The attack {shown} the claimed ε = {claimed:.2f}. This is consistent "
+                     "with the claim but does not certify it: a lower bound from one weak "
+                     "attack, not a proof of privacy.")
+    return [*lines, ""]
+
+
+def _markdown_gates(gates: Sequence[Mapping[str, Any]]) -> list[str]:
+    lines = ["## Gates", ""]
+    if not gates:
+        return [*lines, "No gates are configured.", ""]
+    lines += ["| Gate | Rule | Threshold | Value | Result | Detail |",
+              "|---|---|---:|---:|---|---|"]
+    for gate in gates:
+        lines.append(f"| {gate['name']} | value {gate['rule']} threshold "
+                     f"| {_fmt(gate.get('threshold'))} | {_fmt(gate.get('value'))} "
+                     f"| {_verdict(gate.get('passed'))} | {_cell(gate.get('detail', ''))} |")
+    return [*lines, ""]
+
+
+# --- summary on stderr ------------------------------------------------------------------------
+
+
+def render_summary(metrics: Mapping[str, Any]) -> Table:
+    """A compact rich table of the headline figures, for the console on stderr."""
+    from rich.table import Table
+
+    model = metrics.get("model") or {}
+    task = metrics.get("task", "classification")
+    overall = metrics.get("overall") or {}
+    intervals = (metrics.get("ci") or {}).get("intervals") or {}
+    table = Table(title=f"evaluate: model {model.get('version', '?')}", show_header=True)
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_column("detail")
+    if model.get("private"):
+        table.add_row("privacy", f"ε={model.get('epsilon'):.2f}",
+                      f"δ={_delta(model.get('delta'))} per person")
+    else:
+        table.add_row("privacy", "[bold red]NONE[/]", "[bold red]non-private model[/]")
+    for key, label in REGRESSION_ROWS if task == "regression" else CLASSIFICATION_ROWS:
+        if key in overall:
+            interval = intervals.get(key)
+            table.add_row(label, _fmt(overall[key]), f"CI {_interval(interval)}"
+                          if interval and interval[0] is not None else "")
+    metric = GROUP_GATE_METRIC.get(task, "accuracy")
+    for column, entry in (metrics.get("groups") or {}).items():
+        gap = (entry.get("gaps") or {}).get(metric)
+        if gap:
+            table.add_row(f"{metric} gap: {column}", _fmt(gap["gap"]),
+                          f"{gap['max_group']} vs {gap['min_group']}")
+    audit = metrics.get("audit")
+    if audit:
+        claimed = audit.get("epsilon_claimed")
+        table.add_row("audit ε lower bound", _fmt(audit.get("epsilon_lower_bound"), 2),
+                      f"claimed {_fmt(claimed, 2)}" if claimed is not None else "no claim")
+        table.add_row("attack AUC", _fmt(audit.get("attack_auc")),
+                      f"TPR@0.1%FPR {_fmt(audit.get('tpr_at_01pct_fpr'), 4)}")
+    for gate in metrics.get("gates") or []:
+        table.add_row(f"gate {gate['name']}", _fmt(gate.get("value")),
+                      f"{_rich_verdict(gate.get('passed'))} ({gate['rule']} "
+                      f"{_fmt(gate.get('threshold'))})")
+    return table
+
+
+# --- plots ------------------------------------------------------------------------------------
+
+
+def write_plots(out_dir: Path, *,
+                roc: tuple[ArrayLike, ArrayLike] | None = None,
+                calibration: tuple[ArrayLike, ArrayLike, ArrayLike] | None = None,
+                groups: Mapping[str, Any] | None = None,
+                attack_roc: tuple[ArrayLike, ArrayLike] | None = None,
+                task: str = "classification") -> list[str]:
+    """Write roc.png, calibration.png, groups.png and attack_roc.png; return the names written.
+
+    Each figure is skipped when its input is None (a regressor has no ROC;
+    no audit, no attack ROC; no sensitive column, no groups plot).
+
+    - ``roc``: (fpr, tpr) from `metrics.roc_curve`: how well the model ranks
+      positives above negatives.
+    - ``calibration``: (confidence, accuracy, count) from
+      `metrics.calibration_curve`: whether the model's stated confidence can
+      be trusted by whoever acts on it.
+    - ``groups``: `metrics.group_metrics` output: accuracy (MAE for
+      regression) of every group of every sensitive column, side by side; bars
+      of unequal height are groups the model serves unequally.
+    - ``attack_roc``: (fpr, tpr) from `audit.attack_roc_curve`, on log-log
+      axes with the diagonal of a blind guess: a curve far above the diagonal
+      at the left (low FPR) means some members can be identified confidently,
+      a privacy harm an AUC near 0.5 can hide.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[str] = []
+    if roc is not None:
+        written.append(_save(_roc_figure(*roc), out_dir / "roc.png"))
+    if calibration is not None:
+        written.append(_save(_calibration_figure(*calibration), out_dir / "calibration.png"))
+    if groups:
+        written.append(_save(_groups_figure(groups, GROUP_GATE_METRIC.get(task, "accuracy")),
+                             out_dir / "groups.png"))
+    if attack_roc is not None:
+        written.append(_save(_attack_roc_figure(*attack_roc), out_dir / "attack_roc.png"))
+    return written
+
+
+def _figure(width: float, height: float) -> Figure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=PLOT_DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save(figure: Figure, path: Path) -> str:
+    # No "Software" entry: identical figures give identical bytes, so artifacts hash stably.
+    figure.savefig(path, format="png", metadata={"Software": None})
+    return path.name
+
+
+def _roc_figure(fpr: ArrayLike, tpr: ArrayLike) -> Figure:
+    f, t = np.asarray(fpr, dtype=float), np.asarray(tpr, dtype=float)
+    figure = _figure(5, 5)
+    ax = figure.subplots()
+    ax.plot(f, t, color="C0", label=f"model (AUC = {np.trapezoid(t, f):.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="chance")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="false positive rate", ylabel="true positive rate",
+           title="ROC curve (test set)")
+    ax.legend(loc="lower right")
+    return figure
+
+
+def _calibration_figure(confidence: ArrayLike, accuracy: ArrayLike, count: ArrayLike) -> Figure:
+    conf = np.asarray(confidence, dtype=float)
+    acc = np.asarray(accuracy, dtype=float)
+    n = np.asarray(count, dtype=float)
+    figure = _figure(5, 6)
+    top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    top.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfectly calibrated")
+    top.plot(conf, acc, marker="o", color="C0", label="model")
+    top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title="Calibration (top-label)")
+    top.legend(loc="upper left")
+    bottom.bar(conf, n, width=1 / 30, color="C0")
+    bottom.set(xlabel="confidence (largest class probability)", ylabel="people")
+    return figure
+
+
+def _groups_figure(groups: Mapping[str, Any], metric: str) -> Figure:
+    columns = list(groups)
+    figure = _figure(max(5.0, 1.2 * _max_groups(groups) + 2), 2.8 * len(columns) + 0.6)
+    axes = np.atleast_1d(figure.subplots(len(columns), 1, squeeze=False)[:, 0])
+    for ax, column in zip(axes, columns, strict=True):
+        entries = (groups[column].get("groups") or {}).items()
+        names, values = [], []
+        for value, figures in entries:
+            shown = figures.get(metric)
+            names.append(f"{value}\nn={figures.get('n', '?')}"
+                         + ("\nsuppressed" if figures.get("suppressed") else ""))
+            values.append(float(shown) if _number(shown) else 0.0)
+        bars = ax.bar(range(len(values)), values, color="C0")
+        ax.bar_label(bars, labels=[_fmt(v) if v else "" for v in values], fontsize=8)
+        ax.set_xticks(range(len(values)), names, fontsize=8)
+        ax.set(ylabel=metric, title=f"{metric} by {column}")
+        if metric in ("accuracy", "balanced_accuracy", "f1", "recall"):
+            ax.set_ylim(0, 1)
+    return figure
+
+
+def _attack_roc_figure(fpr: ArrayLike, tpr: ArrayLike) -> Figure:
+    f, t = np.asarray(fpr, dtype=float), np.asarray(tpr, dtype=float)
+    positive = np.r_[f[f > 0], t[t > 0]]
+    # Log axes cannot show 0: draw zero rates at a floor below the smallest observed rate.
+    floor = min(float(positive.min()) if positive.size else 1e-4, 1e-3) / 2
+    figure = _figure(5, 5)
+    ax = figure.subplots()
+    ax.plot([floor, 1], [floor, 1], color="grey", linestyle="--", label="blind guess")
+    ax.step(np.maximum(f, floor), np.maximum(t, floor), where="post", color="C3",
+            label=f"loss-threshold attack (AUC = {np.trapezoid(t, f):.3f})")
+    for target in (0.01, 0.001):
+        if target > floor:
+            ax.axvline(target, color="grey", linewidth=0.5, linestyle=":")
+    ax.set(xscale="log", yscale="log", xlim=(floor, 1), ylim=(floor, 1),
+           xlabel="false positive rate (non-members accused)",
+           ylabel="true positive rate (members identified)",
+           title="Membership-inference attack")
+    ax.legend(loc="lower right")
+    return figure
+
+
+# --- formatting -------------------------------------------------------------------------------
+
+
+def _number(value: Any) -> bool:
+    return (isinstance(value, (int, float, np.integer, np.floating))
+            and not isinstance(value, bool) and math.isfinite(float(value)))
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, np.integer)):
+        return str(value)
+    if _number(value):
+        return f"{float(value):.{digits}f}"
+    return str(value)
+
+
+def _delta(value: Any) -> str:
+    return f"{float(value):.2g}" if _number(value) else "n/a"
+
+
+def _interval(interval: Sequence[Any] | None) -> str:
+    if not interval or interval[0] is None or interval[1] is None:
+        return "n/a"
+    return f"[{_fmt(interval[0])}, {_fmt(interval[1])}]"
+
+
+def _verdict(passed: bool | None) -> str:
+    if passed is None:
+        return "not checked"
+    return "pass" if passed else "**FAIL**"
+
+
+def _rich_verdict(passed: bool | None) -> str:
+    if passed is None:
+        return "[yellow]not checked[/]"
+    return "[green]pass[/]" if passed else "[bold red]FAIL[/]"
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _max_groups(groups: Mapping[str, Any]) -> int:
+    return max((len(entry.get("groups") or {}) for entry in groups.values()), default=1)
