@@ -83,10 +83,25 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is at emit time (tests and embedders swap it)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def _setup_logging(opts: Options) -> None:
     import time
 
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     formatter = _JsonFormatter() if opts.log_format == "json" else _TextFormatter()
     formatter.converter = time.gmtime
     handler.setFormatter(formatter)
@@ -223,9 +238,16 @@ def _emit(results: list[StageResult] | StageResult, *, extra: dict[str, Any] | N
 
 
 def _render_summary(items: list[StageResult]) -> None:
+    """A stage's own view of its figures on stderr, or one table for several stages."""
     from rich.table import Table
 
     from personanet.ui import console
+
+    if len(items) == 1:
+        view = _stage_view(items[0])
+        if view is not None:
+            console().print(view)
+            return
 
     table = Table(title="personanet", show_header=True, header_style="bold")
     for column in ("stage", "version", "reused", "figures"):
@@ -235,6 +257,18 @@ def _render_summary(items: list[StageResult]) -> None:
         table.add_row(r.stage, r.version, "yes" if r.reused else "no",
                       ", ".join(f"{k}={_short(v)}" for k, v in list(shown.items())[:8]))
     console().print(table)
+
+
+def _stage_view(result: StageResult) -> Any:
+    if result.stage == "clean":
+        from personanet.clean import render_report
+
+        return render_report(result.figures)
+    if result.stage == "evaluate":
+        from personanet.report import render_summary
+
+        return render_summary(json.loads((result.path / "metrics.json").read_text("utf-8")))
+    return None
 
 
 def _short(value: Any) -> str:

@@ -120,7 +120,8 @@ class TrainConfig:
     batch_size: int = 1024
     #: per-example gradient clipping norm C
     max_grad_norm: float = 1.0
-    learning_rate: float = 2e-3
+    #: Adam at 1e-2 measured best under DP on the bundled sample (0.855 at epsilon 1)
+    learning_rate: float = 1e-2
     optimizer: Literal["adam", "adamw", "sgd", "lbfgs"] = "adam"
     hidden_sizes: list[int] = field(default_factory=lambda: [64, 64])
     activation: Literal["tanh", "tempered_sigmoid", "relu"] = "tanh"
@@ -136,6 +137,16 @@ class TrainConfig:
     max_physical_batch_size: int = 4096
     seed: int = 42
     device: str = "auto"
+    #: piecewise-linear encoding of each numeric/datetime feature into this many equal-width
+    #: bins of its public bounds, beside the scaled value (0: the scaled value only)
+    numeric_bins: int = 16
+    #: ghost clipping in one backward pass (book-keeping) where every layer allows it;
+    #: false: Opacus' own two-pass ghost clipping
+    bookkeeping: bool = True
+    #: momentum of the "sgd" optimizer (the others ignore it)
+    momentum: float = 0.9
+    #: decoupled weight decay of the "adamw" optimizer (the others ignore it)
+    weight_decay: float = 0.01
 
 
 @dataclass(frozen=True)

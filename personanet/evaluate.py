@@ -1,0 +1,246 @@
+"""evaluate: utility, fairness per group, and an empirical privacy audit.
+
+Reads: a train artifact (model + encoder + privacy.json) and the clean
+artifact it was trained on. Scores the held-out test people, computes the
+metrics with bootstrap intervals, the same per value of every sensitive
+column, and a membership-inference audit (the model's training people vs the
+held-out people). Writes metrics.json, report.md and PNG plots; any gate
+missed exits 69 *after* the report is written, so a scheduler stops a bad
+model from being promoted and a person can read why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import numpy as np
+
+from personanet import tables
+from personanet.artifacts import Artifact, ArtifactStore
+from personanet.config import Config
+from personanet.crypto import MasterKey
+from personanet.errors import GateFailedError
+from personanet.stage import StageResult, find_reusable, fingerprint
+
+log = logging.getLogger("personanet")
+
+#: smallest group whose metrics are published: a group of one would reveal whether that
+#: one person was classified correctly, and metrics.json is not encrypted
+MIN_GROUP_SIZE = 20
+
+
+def evaluate(config: Config, store: ArtifactStore, key: MasterKey, *,
+             model_version: str | None = None, input_version: str | None = None,
+             force: bool = False) -> StageResult:
+    """Evaluate a model on its clean artifact's test split; exit 69 when a gate fails.
+
+    `input_version` pins another clean artifact for the utility metrics; the
+    audit always uses the model's own training data as members, since only
+    those rows were trained on.
+    """
+    model_artifact = store.get("train", model_version)
+    trained_on = _trained_on(model_artifact)
+    clean_artifact = store.get("clean", input_version or trained_on)
+    member_artifact = store.get("clean", trained_on)
+    sensitive = [c.name for c in config.columns.values() if c.sensitive]
+    fp = fingerprint("evaluate", model=model_artifact.version, input=clean_artifact.version,
+                     config=config.section_hash("evaluate"), sensitive=sensitive)
+    reusable = find_reusable(store, "evaluate", fp, force=force)
+    if reusable:
+        log.info("evaluate: reusing %s", reusable.version)
+        _raise_on_failed_gates(reusable)
+        return reusable
+
+    metrics, curves = compute_metrics(config, key, model_artifact, clean_artifact,
+                                      member_artifact, sensitive=sensitive)
+    from personanet import report
+
+    with store.lock(), store.create(
+        "evaluate", fingerprint=fp,
+        inputs=[model_artifact.as_input(), clean_artifact.as_input()],
+        config={"evaluate": config.section("evaluate"), "sensitive": sensitive},
+        config_hash=config.section_hash("evaluate"), seed=config.evaluate.seed,
+    ) as writer:
+        plots = report.write_plots(writer.tmp, task=metrics["task"], **curves)
+        for name in plots:
+            writer.add(name)
+        writer.write_json("metrics.json", metrics)
+        writer.write_bytes("report.md", report.render_markdown(metrics, figures=plots).encode())
+        writer.figures = _figures(metrics)
+        artifact = writer.commit()
+    result = StageResult.of(artifact, reused=False)
+    _raise_on_failed_gates(result)
+    return result
+
+
+def _trained_on(model_artifact: Artifact) -> str:
+    for entry in model_artifact.manifest.get("inputs", []):
+        if entry.get("stage") == "clean":
+            return str(entry["version"])
+    from personanet.errors import BadInputError
+
+    raise BadInputError(f"train artifact {model_artifact.version} names no clean input")
+
+
+def compute_metrics(config: Config, key: MasterKey, model_artifact: Artifact,
+                    clean_artifact: Artifact, member_artifact: Artifact, *,
+                    sensitive: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """metrics.json's content, and the curves the plots are drawn from."""
+    from personanet import audit as mia
+    from personanet import metrics as m
+    from personanet import report
+    from personanet.model import load_model, predict_frame
+
+    model, encoder = load_model(model_artifact.path)
+    privacy = json.loads(model_artifact.file("privacy.json").read_text("utf-8"))
+    ev = config.evaluate
+    test = tables.read_encrypted_parquet(clean_artifact.file("test.parquet.enc"), key)
+    members = tables.read_encrypted_parquet(member_artifact.file("train.parquet.enc"), key)
+    if clean_artifact.version == member_artifact.version:
+        nonmembers = test
+    else:
+        nonmembers = tables.read_encrypted_parquet(member_artifact.file("test.parquet.enc"), key)
+
+    batch = config.predict.batch_size
+    target = encoder.transform(test).target
+    scored = predict_frame(model, encoder, test, batch_size=batch)
+    labelled = target >= 0 if encoder.task != "regression" else ~np.isnan(target)
+    y, out = target[labelled], scored[labelled]
+    test_labelled = test.filter(labelled.tolist()) if not labelled.all() else test
+    groups_input = {name: np.asarray(test_labelled[name].cast(str).fill_null("(missing)")
+                                     .to_list(), dtype=object)
+                    for name in sensitive if name in test_labelled.columns}
+    curves: dict[str, Any] = {}
+    if encoder.task == "regression":
+        y_units = encoder.unscale_target(y)
+        overall = m.regression_metrics(y_units, out)
+        intervals = m.bootstrap_cis(m.regression_metrics, y_units, out,
+                                    n_resamples=ev.bootstrap, seed=ev.seed)
+        groups = m.group_regression_metrics(groups_input, y_units, out,
+                                            min_group_size=MIN_GROUP_SIZE)
+        task = "regression"
+    else:
+        classes = encoder.target_classes
+        y = y.astype(np.int64)
+        overall = m.classification_metrics(y, out, classes=classes)
+        intervals = m.bootstrap_cis(lambda a, b: m.classification_metrics(a, b, classes=classes),
+                                    y, out, n_resamples=ev.bootstrap, seed=ev.seed)
+        groups = m.group_metrics(groups_input, y, out, classes, min_group_size=MIN_GROUP_SIZE)
+        if len(classes) == 2:
+            curves["roc"] = m.roc_curve(y == 1, out[:, 1])[:2]
+        curves["calibration"] = m.calibration_curve(y, out)
+        task = "classification"
+    curves["groups"] = groups or None
+
+    audit_json = None
+    if ev.audit:
+        member_loss, member_class = _per_example_loss(model, encoder, members, batch)
+        nonmember_loss, nonmember_class = _per_example_loss(model, encoder, nonmembers, batch)
+        private = bool(privacy.get("private"))
+        # Calibrating each loss by its class's typical non-member loss (fitted on the
+        # threshold half only) removes "this class is just harder", which a global
+        # threshold mistakes for membership.
+        strata = ({"member_strata": member_class, "nonmember_strata": nonmember_class}
+                  if encoder.task != "regression" else {})
+        result = mia.membership_inference_audit(
+            member_loss, nonmember_loss, delta=float(privacy.get("delta") or config.train.delta),
+            epsilon_claimed=float(privacy["epsilon"]) if private else None, seed=ev.seed,
+            **strata)
+        audit_json = result.to_json()
+        curves["attack_roc"] = mia.attack_roc_curve(member_loss, nonmember_loss)
+
+    gates = report.build_gates(overall=overall, groups=groups, audit=audit_json,
+                               min_accuracy=ev.min_accuracy, max_group_gap=ev.max_group_gap,
+                               max_attack_auc=ev.max_attack_auc, task=task)
+    metrics = {
+        "schema": report.SCHEMA_VERSION,
+        "task": task,
+        "model": {"version": model_artifact.version, "private": bool(privacy.get("private")),
+                  "epsilon": privacy.get("epsilon") if privacy.get("private") else None,
+                  "delta": privacy.get("delta") if privacy.get("private") else None,
+                  "privacy_unit": config.dataset.privacy_unit,
+                  "max_rows_per_unit": config.clean.max_rows_per_unit,
+                  "target": encoder.target_name,
+                  **{k: privacy.get(k) for k in ("noise_multiplier", "sample_rate", "steps",
+                                                 "accountant")}},
+        "data": {"test_version": clean_artifact.version, "n_test": int(len(y)),
+                 "n_test_unlabelled": int((~labelled).sum()),
+                 "n_members": int(members.height), "n_nonmembers": int(nonmembers.height)},
+        "overall": overall,
+        "ci": {"level": 0.95, "n_resamples": ev.bootstrap, "seed": ev.seed,
+               "intervals": {k: list(v) for k, v in intervals.items()}},
+        "groups": groups,
+        "audit": audit_json,
+        "gates": gates,
+    }
+    return metrics, curves
+
+
+def _per_example_loss(model: Any, encoder: Any, frame: Any, batch_size: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """The attack's score: each labelled person's loss under the final model, and their
+    target (class index, or value) for calibration.
+
+    Computed from the logits in float64, not from rounded probabilities: a
+    memorised member's probability rounds to exactly 1.0 in float32, and ties at
+    zero loss would hide precisely the people the audit is looking for.
+    """
+    import torch
+
+    from personanet.model import PersonaLoss
+
+    criterion = PersonaLoss(encoder.task, reduction="none")
+    device = next(model.parameters()).device
+    losses, targets = [], []
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, frame.height, batch_size):
+            batch = encoder.transform(frame.slice(start, batch_size))
+            keep = batch.labelled
+            if not keep.any():
+                continue
+            categorical, numeric, target = batch.select(keep).tensors(device)
+            logits = model(categorical, numeric).double()
+            losses.append(criterion(logits, target).cpu().numpy())
+            targets.append(target.cpu().numpy())
+    if not losses:
+        return np.zeros(0), np.zeros(0)
+    return np.concatenate(losses), np.concatenate(targets)
+
+
+def _figures(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers for the manifest, --json and the summary table."""
+    from personanet.report import failed_gates
+
+    overall = metrics["overall"]
+    audit = metrics.get("audit") or {}
+    figures: dict[str, Any] = {
+        "task": metrics["task"],
+        "private": metrics["model"]["private"],
+        "epsilon_claimed": metrics["model"]["epsilon"],
+        "n_test": metrics["data"]["n_test"],
+    }
+    for name in ("accuracy", "balanced_accuracy", "f1", "roc_auc", "log_loss", "ece", "mae",
+                 "rmse", "r2"):
+        if name in overall:
+            figures[name] = overall[name]
+    figures["largest_group_gap"] = max(
+        (g["gaps"][k]["gap"] for g in metrics["groups"].values() for k in g.get("gaps", {})
+         if k in ("accuracy", "mae") and g["gaps"][k]), default=None)
+    if audit:
+        figures.update(attack_auc=audit.get("attack_auc"),
+                       epsilon_lower_bound=audit.get("epsilon_lower_bound"),
+                       tpr_at_1pct_fpr=audit.get("tpr_at_1pct_fpr"),
+                       tpr_at_01pct_fpr=audit.get("tpr_at_01pct_fpr"))
+    figures["gates_failed"] = [g["name"] for g in failed_gates(metrics)]
+    return figures
+
+
+def _raise_on_failed_gates(result: StageResult) -> None:
+    failed = result.figures.get("gates_failed") or []
+    if failed:
+        raise GateFailedError(f"gate(s) failed: {', '.join(failed)}; the model must not be "
+                              f"promoted (report: {result.path}/report.md)",
+                              payload=result.to_json())
