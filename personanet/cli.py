@@ -107,6 +107,11 @@ def _setup_logging(opts: Options) -> None:
     handler.setFormatter(formatter)
     log.handlers[:] = [handler]
     log.propagate = False
+    # Library warnings (Opacus, polars) go through the same handler: one format on stderr.
+    logging.captureWarnings(True)
+    warnings_log = logging.getLogger("py.warnings")
+    warnings_log.handlers[:] = [handler]
+    warnings_log.propagate = False
     log.setLevel(logging.DEBUG if opts.debug else logging.ERROR if opts.quiet else logging.INFO)
 
 
@@ -233,7 +238,7 @@ def _emit(results: list[StageResult] | StageResult, *, extra: dict[str, Any] | N
         sys.stdout.write(f"{r.stage} {r.version} {reused}{figures} {r.path}\n")
         for warning in r.warnings:
             log.warning(warning)
-    if not _options.quiet:
+    if not _options.quiet and _options.log_format == "text":
         _render_summary(items)
 
 
@@ -669,10 +674,10 @@ def budget_show() -> None:
     if _options.json:
         sys.stdout.write(json.dumps({"stage": "budget", **summary}, default=str) + "\n")
         return
-    from personanet.ui import console
+    from rich.console import Console
 
-    console().file = sys.stdout
-    console().print(render_budget(summary))
+    Console(file=sys.stdout, no_color="NO_COLOR" in os.environ or None).print(
+        render_budget(summary))
 
 
 if os.environ.get("PERSONANET_DEBUG_IMPORTS"):  # pragma: no cover - diagnostics only

@@ -50,6 +50,8 @@ def write_config(path: Path, source: Path, *, overrides: str = "") -> Path:
             for col, spec in values.items():
                 base["columns"].setdefault(col, {}).update(spec)
     base["dataset"]["source"] = str(source)
+    if "source" in base.get("predict", {}):
+        base["predict"]["source"] = str((CONFIG.parent / base["predict"]["source"]).resolve())
     path.write_text(_dump_toml(base))
     return path
 
