@@ -50,6 +50,18 @@ FAMILY = ["Silva", "Nguyễn", "Müller", "O'Brien", "Smith-Jones", "Ivanov", "P
 
 
 def peak_rss_mib() -> float:
+    """This process's peak resident memory.
+
+    Linux's ru_maxrss carries the parent's peak over fork and exec, so a child started
+    by a parent that built a big frame would report the parent's figure; VmHWM belongs
+    to the process's own address space.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
