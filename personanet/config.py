@@ -379,7 +379,8 @@ def _normalise_column(col: ColumnConfig) -> ColumnConfig:
         if kind == "numeric":
             lo, hi = (_number(b, f"{where}.bounds") for b in col.bounds)
         elif kind == "datetime":
-            lo, hi = (_instant(b, f"{where}.bounds") for b in col.bounds)
+            lo = _instant(col.bounds[0], f"{where}.bounds")
+            hi = _instant(col.bounds[1], f"{where}.bounds", end_of_day=True)
         else:
             raise ConfigError(f"{where}.bounds only applies to numeric or datetime columns")
         if not lo < hi:
@@ -509,12 +510,24 @@ def _number(value: Any, key: str) -> float:
     return float(value)
 
 
-def _instant(value: Any, key: str) -> str:
-    """A datetime bound as an ISO string in UTC (TOML dates, datetimes or strings)."""
+def _instant(value: Any, key: str, *, end_of_day: bool = False) -> str:
+    """A datetime bound as an ISO string in UTC (TOML dates, datetimes or strings).
+
+    A bare date names a whole day: as an upper bound (`end_of_day`) it means its last
+    second, so `bounds = ["2024-01-01", "2026-12-31"]` keeps records of 31 December.
+    """
+    if isinstance(value, str) and len(value) == 10:
+        try:
+            value = dt.date.fromisoformat(value)
+        except ValueError:
+            raise ConfigError(
+                f"{key}: {value!r} is not an ISO date such as \"2024-01-31\"") from None
     if isinstance(value, dt.datetime):
         moment = value if value.tzinfo else value.replace(tzinfo=dt.UTC)
     elif isinstance(value, dt.date):
         moment = dt.datetime(value.year, value.month, value.day, tzinfo=dt.UTC)
+        if end_of_day:
+            moment += dt.timedelta(days=1, seconds=-1)
     elif isinstance(value, str):
         try:
             moment = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))

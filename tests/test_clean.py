@@ -419,7 +419,8 @@ def test_datetimes_after_collection_follow_the_out_of_bounds_policy() -> None:
                            require_target=True, as_of=as_of)
     assert clipped.frame["signup"].to_list() == [
         dt.datetime(2025, 6, 1, tzinfo=dt.UTC), as_of, as_of,
-        dt.datetime(2024, 12, 31, 12, tzinfo=dt.UTC),  # "never": invalid, then the midpoint
+        # "never": invalid, then the midpoint of 2020-01-01 .. 2030-01-01 23:59:59
+        dt.datetime(2024, 12, 31, 23, 59, 59, tzinfo=dt.UTC),
     ]
     assert clipped.counters["signup"].clipped == 2 and clipped.counters["signup"].invalid == 1
 

@@ -34,8 +34,9 @@ def test_bundled_config_loads_with_public_domains() -> None:
     assert config.dataset.name == "persona"
     assert config.target_column.role == "target"
     assert config.columns["age"].bounds == (17.0, 90.0)
+    # a bare date as the upper bound keeps its whole day
     assert config.columns["collected_at"].bounds == ("2024-01-01T00:00:00Z",
-                                                     "2026-12-31T00:00:00Z")
+                                                     "2026-12-31T23:59:59Z")
     assert [c.name for c in config.identifiers()] == ["name", "email"]
     assert config.train.epsilon == 1.0 and config.budget.epsilon == 10.0
 
