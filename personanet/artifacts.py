@@ -20,7 +20,6 @@ import platform
 import secrets
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -422,6 +421,3 @@ def verify_checksums(artifact: Artifact) -> None:
         if path.stat().st_size != out["bytes"] or sha256_file(path) != out["sha256"]:
             raise IntegrityError(f"{path}: sha256 does not match the manifest")
 
-
-def python_executable() -> str:
-    return sys.executable

@@ -280,10 +280,6 @@ def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _not_implemented(what: str) -> NoReturn:
-    raise InternalError(f"`personanet {what}` is not implemented yet")
-
-
 # ------------------------------------------------------------------ global options
 
 
@@ -371,10 +367,8 @@ def clean(
 
         personanet --config configs/persona.toml clean
     """
-    try:
-        from personanet.clean import clean as run_clean
-    except ImportError:
-        _not_implemented("clean")
+    from personanet.clean import clean as run_clean
+
     config = _config()
     _emit(run_clean(config, _store(config), _key(), input_version=input_version, force=force))
 
@@ -396,10 +390,8 @@ def train(
 
         personanet --config configs/persona.toml train --device auto
     """
-    try:
-        from personanet.train import train as run_train
-    except ImportError:
-        _not_implemented("train")
+    from personanet.train import train as run_train
+
     config = _config()
     _emit(run_train(config, _store(config), _key(), input_version=input_version, force=force,
                     no_dp=no_dp, device=device, resume=resume))
@@ -418,10 +410,8 @@ def evaluate(
 
         personanet --config configs/persona.toml evaluate
     """
-    try:
-        from personanet.evaluate import evaluate as run_evaluate
-    except ImportError:
-        _not_implemented("evaluate")
+    from personanet.evaluate import evaluate as run_evaluate
+
     config = _config()
     _emit(run_evaluate(config, _store(config), _key(), model_version=model,
                        input_version=input_version, force=force))
@@ -446,10 +436,8 @@ def predict(
 
         personanet --config configs/persona.toml predict --input data/persona_new.csv
     """
-    try:
-        from personanet.predict import predict as run_predict
-    except ImportError:
-        _not_implemented("predict")
+    from personanet.predict import predict as run_predict
+
     config = _config()
     _emit(run_predict(config, _store(config), _key(), source=source, clean_version=clean_version,
                       model_version=model, output=output, plaintext_output=plaintext_output,
@@ -468,10 +456,8 @@ def run(
 
         personanet --config configs/persona.toml run
     """
-    try:
-        from personanet.pipeline import run_pipeline
-    except ImportError:
-        _not_implemented("run")
+    from personanet.pipeline import run_pipeline
+
     config = _config()
     results = run_pipeline(config, _store(config), _key(), force_from=force, device=device)
     _emit(results)
@@ -665,10 +651,8 @@ def budget_show() -> None:
 
         personanet --config configs/persona.toml budget show
     """
-    try:
-        from personanet.privacy import budget_summary, render_budget
-    except ImportError:
-        _not_implemented("budget show")
+    from personanet.privacy import budget_summary, render_budget
+
     config = _config()
     summary = budget_summary(config, _store(config))
     if _options.json:

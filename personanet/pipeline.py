@@ -8,8 +8,8 @@ that stage and every later one.
 
 from __future__ import annotations
 
-import importlib
 import logging
+from collections.abc import Callable
 
 from personanet.artifacts import STAGES, ArtifactStore
 from personanet.config import Config
@@ -39,35 +39,31 @@ def run_pipeline(config: Config, store: ArtifactStore, key: MasterKey, *,
 
 def _run_stages(config: Config, store: ArtifactStore, key: MasterKey, forced: set[str],
                 device: str | None, results: list[StageResult]) -> None:
+    from personanet.clean import clean
+    from personanet.collect import collect
+    from personanet.evaluate import evaluate
+    from personanet.predict import predict
+    from personanet.train import train
+
     # Each stage reads exactly the version its predecessor just produced or reused: "newest"
     # could be another artifact when the config went back to an earlier state.
     produced: dict[str, str] = {}
+    steps: list[tuple[str, Callable[[bool], StageResult]]] = [
+        ("collect", lambda force: collect(config, store, key, force=force)),
+        ("clean", lambda force: clean(config, store, key, force=force,
+                                      input_version=produced["collect"])),
+        ("train", lambda force: train(config, store, key, force=force, device=device,
+                                      input_version=produced["clean"])),
+        ("evaluate", lambda force: evaluate(config, store, key, force=force,
+                                            model_version=produced["train"])),
+        ("predict", lambda force: predict(config, store, key, force=force, device=device,
+                                          model_version=produced["train"])),
+    ]
     with store.lock():
-        for stage in STAGES:
-            try:
-                module = importlib.import_module(f"personanet.{stage}")
-            except ModuleNotFoundError as exc:
-                if exc.name != f"personanet.{stage}":
-                    raise
-                log.warning("run: %s skipped: not implemented yet", stage)
+        for stage, step in steps:
+            if stage == "predict" and not config.predict.source:
+                log.info("run: predict skipped: no predict.source in the config")
                 continue
-            force = stage in forced
-            if stage == "collect":
-                result = module.collect(config, store, key, force=force)
-            elif stage == "clean":
-                result = module.clean(config, store, key, force=force,
-                                      input_version=produced["collect"])
-            elif stage == "train":
-                result = module.train(config, store, key, force=force, device=device,
-                                      input_version=produced["clean"])
-            elif stage == "evaluate":
-                result = module.evaluate(config, store, key, force=force,
-                                         model_version=produced["train"])
-            else:
-                if not config.predict.source:
-                    log.info("run: predict skipped: no predict.source in the config")
-                    continue
-                result = module.predict(config, store, key, force=force, device=device,
-                                        model_version=produced["train"])
+            result = step(stage in forced)
             produced[stage] = result.version
             results.append(result)
