@@ -30,6 +30,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("personanet")
 
+#: the figures `run`'s summary table shows per stage
+HEADLINES = {
+    "collect": ("rows", "columns_dropped"),
+    "clean": ("rows_train", "rows_test", "duplicates_removed", "rows_quarantined",
+              "rows_dropped_by_bounding"),
+    "train": ("private", "epsilon", "delta", "steps", "final_loss", "device"),
+    "evaluate": ("accuracy", "roc_auc", "largest_group_gap", "attack_auc",
+                 "epsilon_lower_bound", "gates_failed"),
+    "predict": ("rows_scored", "rows_rejected", "model_private"),
+}
 #: options accepted before or after the command name (hoisted before parsing)
 GLOBAL_FLAGS = ("--json", "--quiet", "-q", "--debug")
 GLOBAL_VALUED = ("--config", "--artifacts", "--log-format", "--lock-timeout")
@@ -258,9 +268,10 @@ def _render_summary(items: list[StageResult]) -> None:
     for column in ("stage", "version", "reused", "figures"):
         table.add_column(column)
     for r in items:
-        shown = {k: v for k, v in r.figures.items() if isinstance(v, (int, float, str, bool))}
+        names = HEADLINES.get(r.stage, ())
+        shown = {k: r.figures[k] for k in names if r.figures.get(k) not in (None, [], {})}
         table.add_row(r.stage, r.version, "yes" if r.reused else "no",
-                      ", ".join(f"{k}={_short(v)}" for k, v in list(shown.items())[:8]))
+                      ", ".join(f"{k}={_short(v)}" for k, v in shown.items()))
     console().print(table)
 
 
