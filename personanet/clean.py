@@ -238,7 +238,7 @@ def clean(config: Config, store: ArtifactStore, key: MasterKey, *,
     if reused is not None:
         log.info("clean: reusing %s (same collect input and config)", reused.version)
         return reused
-    records = tables.read_encrypted_parquet(source.file(RECORDS_FILE), key)
+    records = tables.read_artifact_table(source, RECORDS_FILE, key)
     # "In the future" means after the records were collected: a property of the input
     # artifact, so the same input always cleans the same way.
     as_of = _parse_instant(source.created_at) if source.created_at else None

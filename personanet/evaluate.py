@@ -96,12 +96,12 @@ def compute_metrics(config: Config, key: MasterKey, model_artifact: Artifact,
     model, encoder = load_model(model_artifact.path)
     privacy = json.loads(model_artifact.file("privacy.json").read_text("utf-8"))
     ev = config.evaluate
-    test = tables.read_encrypted_parquet(clean_artifact.file("test.parquet.enc"), key)
-    members = tables.read_encrypted_parquet(member_artifact.file("train.parquet.enc"), key)
+    test = tables.read_artifact_table(clean_artifact, "test.parquet.enc", key)
+    members = tables.read_artifact_table(member_artifact, "train.parquet.enc", key)
     if clean_artifact.version == member_artifact.version:
         nonmembers = test
     else:
-        nonmembers = tables.read_encrypted_parquet(member_artifact.file("test.parquet.enc"), key)
+        nonmembers = tables.read_artifact_table(member_artifact, "test.parquet.enc", key)
 
     batch = config.predict.batch_size
     target = encoder.transform(test).target

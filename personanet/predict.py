@@ -183,7 +183,7 @@ def _file_batches(path: Path, config: Config, key: crypto.MasterKey, batch_size:
 def _clean_batches(artifact: Artifact, key: crypto.MasterKey, batch_size: int
                    ) -> Iterator[_Batch]:
     """A clean artifact's test split is already clean: no rules are applied twice."""
-    frame = tables.read_encrypted_parquet(artifact.file("test.parquet.enc"), key)
+    frame = tables.read_artifact_table(artifact, "test.parquet.enc", key)
     for offset in range(0, frame.height, batch_size):
         yield _Batch(frame.slice(offset, batch_size), offset, prepared=True)
 

@@ -282,7 +282,7 @@ def _check_train_config(config: Config, *, private: bool) -> None:
 
 
 def _read_training_rows(clean: Artifact, key: MasterKey, encoder: Encoder) -> EncodedBatch:
-    frame = tables.read_encrypted_parquet(clean.file(TRAIN_FILE), key)
+    frame = tables.read_artifact_table(clean, TRAIN_FILE, key)
     if encoder.target_name not in frame.columns:
         raise BadInputError(f"clean artifact {clean.version} has no target column "
                             f"{encoder.target_name!r}")
