@@ -246,8 +246,6 @@ def _emit(results: list[StageResult] | StageResult, *, extra: dict[str, Any] | N
         rows = r.figures.get("rows")
         figures = f" rows={rows}" if rows is not None else ""
         sys.stdout.write(f"{r.stage} {r.version} {reused}{figures} {r.path}\n")
-        for warning in r.warnings:
-            log.warning(warning)
     if not _options.quiet and _options.log_format == "text":
         _render_summary(items)
 
