@@ -40,6 +40,18 @@ def evaluate(config: Config, store: ArtifactStore, key: MasterKey, *,
     audit always uses the model's own training data as members, since only
     those rows were trained on.
     """
+    # One writer per artifact root for the whole stage: a second identical command waits
+    # (then reuses the first one's artifact) instead of redoing the work, which for
+    # train would charge the privacy budget twice.
+    with store.lock():
+        return _evaluate_locked(config, store, key, model_version=model_version,
+                                 input_version=input_version, force=force)
+
+
+def _evaluate_locked(config: Config, store: ArtifactStore, key: MasterKey, *,
+                     model_version: str | None = None, input_version: str | None = None,
+                     force: bool = False) -> StageResult:
+    """The stage itself, under the root's lock."""
     model_artifact = store.get("train", model_version)
     trained_on = _trained_on(model_artifact)
     clean_artifact = store.get("clean", input_version or trained_on)

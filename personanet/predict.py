@@ -61,6 +61,21 @@ def predict(config: Config, store: ArtifactStore, key: crypto.MasterKey, *,
     `output` also writes the predictions there: encrypted (the same format as
     the artifact) unless `plaintext_output`, since predictions are about people.
     """
+    # One writer per artifact root for the whole stage: a second identical command waits
+    # (then reuses the first one's artifact) instead of redoing the work, which for
+    # train would charge the privacy budget twice.
+    with store.lock():
+        return _predict_locked(config, store, key, source=source, clean_version=clean_version,
+                                model_version=model_version, output=output,
+                                plaintext_output=plaintext_output, device=device, force=force)
+
+
+def _predict_locked(config: Config, store: ArtifactStore, key: crypto.MasterKey, *,
+                    source: str | None = None, clean_version: str | None = None,
+                    model_version: str | None = None, output: Path | None = None,
+                    plaintext_output: bool = False, device: str | None = None,
+                    force: bool = False) -> StageResult:
+    """The stage itself, under the root's lock."""
     if plaintext_output and output is None:
         from personanet.errors import UsageError
 

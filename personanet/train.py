@@ -101,6 +101,18 @@ def train(config: Config, store: ArtifactStore, key: MasterKey, *,
         ConfigError: (exit 78) an absent device, L-BFGS under DP, epsilon too small.
         InputMissingError: (exit 66) no clean artifact, or nothing to resume.
     """
+    # One writer per artifact root for the whole stage: a second identical command waits
+    # (then reuses the first one's artifact) instead of redoing the work, which for
+    # train would charge the privacy budget twice.
+    with store.lock():
+        return _train_locked(config, store, key, input_version=input_version, force=force,
+                              no_dp=no_dp, device=device, resume=resume)
+
+
+def _train_locked(config: Config, store: ArtifactStore, key: MasterKey, *,
+                  input_version: str | None = None, force: bool = False, no_dp: bool = False,
+                  device: str | None = None, resume: bool = False) -> StageResult:
+    """The stage itself, under the root's lock."""
     import torch
 
     private = not no_dp

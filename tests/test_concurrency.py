@@ -10,6 +10,7 @@ the sum of its runs, and identical work is never done twice unless forced.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -34,15 +35,15 @@ RUNS = 4
 
 
 def run_together(config_path: Path, root: Path, *, lock_timeout: float,
-                 extra: list[list[str]]) -> list[tuple[int, dict, str]]:
-    """Start `run` RUNS times at once (`extra[i]`: more options for run i); wait for all.
+                 extra: list[list[str]], command: str = "run") -> list[tuple[int, dict, str]]:
+    """Start `command` RUNS times at once (`extra[i]`: more options for run i); wait for all.
 
     Returns (exit code, the one JSON object printed on stdout, stderr) per run.
     """
     procs = [
         subprocess.Popen([sys.executable, "-m", "personanet", "--config", str(config_path),
                           "--artifacts", str(root), "--lock-timeout", str(lock_timeout),
-                          "--json", "run", *extra[i]],
+                          "--json", command, *extra[i]],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(RUNS)
     ]
@@ -175,3 +176,57 @@ def test_concurrent_forced_runs_each_train_once_and_each_training_is_in_the_ledg
             assert not result["reused"], "--force train must train again"
     assert sorted(e["version"] for e in entries) == sorted(new_models)
     assert all(e["status"] == "settled" for e in entries)
+
+
+# ----------------------------------------------------------------------- stage commands
+# Cron jobs and make targets also run the stages one by one. Two of them at once on
+# identical input must not do the same work twice either: for `train` that would spend
+# the privacy budget twice for one model.
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """A store after `collect` + `clean`, and a copy after `train` too (copied per test)."""
+    from tests.conftest import sample_lines
+
+    folder = tmp_path_factory.mktemp("staged")
+    source = folder / "persona_small.csv"
+    source.write_text(sample_lines(300, split="train")
+                      + sample_lines(100, split="test").split("\n", 1)[1], encoding="utf-8")
+    config_path = write_config(folder / "persona.toml", source, overrides=TINY_RUN)
+    key = MasterKey.generate()
+    env = {"PERSONANET_KEY": key.to_base64(), "PERSONANET_KEY_FILE": ""}
+    roots = {}
+    for stage in ("collect", "clean", "train"):
+        done = run_subprocess(["--config", str(config_path), "--artifacts",
+                               str(folder / "root"), stage], env=env)
+        assert done.returncode == 0, done.stderr
+        roots[stage] = folder / f"after-{stage}"
+        shutil.copytree(folder / "root", roots[stage])
+    return {"config": config_path, "key": key, "roots": roots}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["train", "evaluate", "predict"])
+def test_concurrent_stage_commands_on_identical_input_do_the_work_once(
+        stage: str, staged: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    key: MasterKey = staged["key"]
+    monkeypatch.delenv("PERSONANET_KEY_FILE", raising=False)
+    monkeypatch.setenv("PERSONANET_KEY", key.to_base64())
+    config_path: Path = staged["config"]
+    config = load_config(config_path)
+    root = tmp_path / "artifacts"
+    shutil.copytree(staged["roots"]["clean" if stage == "train" else "train"], root)
+    store = ArtifactStore(root, config.dataset.name)
+
+    results = run_together(config_path, root, lock_timeout=300, extra=[[]] * RUNS,
+                           command=stage)
+    codes = [code for code, _, _ in results]
+    print(f"\n{RUNS} concurrent `{stage}`: exit codes {codes}, reused "
+          f"{[payload.get('reused') for _, payload, _ in results]}")
+
+    assert set(codes) <= {0, 75}, [err for _, _, err in results]
+    entries = assert_store_sound(config_path, config, store, key)
+    counts = fingerprints(store, stage)
+    assert list(counts.values()) == [1], f"{stage}: identical work done {counts} times"
+    assert len(entries) == 1, f"one model, yet the budget was charged {len(entries)} times"

@@ -2,12 +2,16 @@
 
 A harness starts `python -m personanet run` as a real child process (key from
 PERSONANET_KEY, real encryption, real DP training on a few hundred rows) and kills it
-with SIGKILL at pseudo-random moments spread over every stage. The moments come from
-fixed seeds and one uninterrupted run's stage timings (the `created_at` of each stage's
-artifact): a kill aimed at stage S runs `run --force S`, waits until the child's log says
-the stage before S was reused (S has begun), then sleeps a seeded fraction of S's measured
-duration. Where each kill really landed is read afterwards from what the killed run left
-on disk, never assumed.
+with SIGKILL at pseudo-random moments spread over every stage. The moments come from a
+fixed seed and one uninterrupted run's timings (each artifact's version id says when its
+temporary folder was made, its `created_at` when it was committed; the ledger says when
+training reserved its budget). A kill aimed at a span of stage S runs `run --force S`,
+waits for the sign that the span has begun, then sleeps a seeded fraction of the span's
+measured length. The signs: the child's log line saying the stage before S was reused
+(S computes), S's temporary folder appearing (S writes its artifact), the training run's
+checkpoint folder appearing (DP-SGD steps, right after the reservation), the log line of
+epoch 1 (epoch 2 and the checkpoints). Where each kill really landed is read afterwards
+from what the killed run left on disk, never assumed.
 
 After every kill the store must hold no incomplete artifact (every version folder without
 a leading dot has a valid manifest and every listed file matches its sha256), `artifacts
@@ -34,6 +38,7 @@ import pytest
 
 from personanet.artifacts import MANIFEST, STAGES, TMP_PREFIX, ArtifactStore, verify_checksums
 from personanet.config import Config, load_config
+from personanet.crypto import MasterKey
 from personanet.privacy import Ledger, budget_summary
 from tests.conftest import ROOT, run_subprocess, write_config
 
@@ -41,9 +46,15 @@ PREDICT_INPUT = ROOT / "data" / "persona_new.csv"
 SEED = 20261125
 KILLS_REQUIRED = 20
 KILLS_AFTER_RESERVATION_REQUIRED = 2
-# Aims in rotation, 21 in all; top-ups aim at whatever has no landing yet.
-ROTATION = ("collect", "clean", "train", "train-steps", "evaluate", "train-epoch-2", "predict")
-PLANNED_AIMS = [ROTATION[i % len(ROTATION)] for i in range(21)]
+# 21 aims: every stage while it computes and (except train, whose DP-SGD steps are aimed
+# at instead) while it writes its artifact; top-ups aim at whatever has no landing yet.
+PLANNED_AIMS = [
+    "collect", "clean", "train", "train-steps", "evaluate", "train-epoch-2", "predict",
+    "collect-write", "clean-write", "train", "train-steps", "evaluate-write", "train-epoch-2",
+    "predict-write",
+    "collect", "clean-write", "train", "train-steps", "evaluate", "train-epoch-2",
+    "predict-write",
+]
 MAX_ATTEMPTS = 30
 
 #: tiny, fast and never gated: 2 epochs, a budget for many training runs, no accuracy gate
@@ -202,11 +213,16 @@ class Child:
         return self.proc.returncode == -signal.SIGKILL
 
 
+#: stages aimed at while they write their artifact (train's writing follows its steps)
+WRITTEN = ("collect", "clean", "evaluate", "predict")
+
+
 def aims(store: ArtifactStore) -> dict[str, tuple[str, str | Path | None]]:
-    """Per aim: the stage `run --force` recomputes from, and the sign that the span began
-    (the log line saying the stage before was reused, or the training run's checkpoint
-    folder, which `train` opens right after reserving the budget)."""
-    return {
+    """Per aim: the stage `run --force` recomputes from, and the sign that the span began:
+    the log line saying the stage before was reused; the stage's temporary folder (made
+    when it starts writing its artifact); or the training run's checkpoint folder, which
+    `train` opens right after reserving the budget."""
+    plan: dict[str, tuple[str, str | Path | None]] = {
         "collect": ("collect", None),  # the moment the process starts
         "clean": ("clean", "collect: reusing"),
         "train": ("train", "clean: reusing"),
@@ -215,6 +231,9 @@ def aims(store: ArtifactStore) -> dict[str, tuple[str, str | Path | None]]:
         "evaluate": ("evaluate", "reusing train artifact"),
         "predict": ("predict", "evaluate: reusing"),
     }
+    for stage in WRITTEN:
+        plan[f"{stage}-write"] = (stage, store.stage_dir(stage))
+    return plan
 
 
 def _seconds(stamp: str) -> float:
@@ -233,8 +252,12 @@ def span_durations(store: ArtifactStore, started: float) -> dict[str, float]:
         "evaluate": done["evaluate"] - done["train"],
         "predict": done["predict"] - done["evaluate"],
     }
+    for stage in WRITTEN:  # a version id starts with the time its temporary folder was made
+        artifact = store.versions(stage)[-1]
+        begun = dt.datetime.strptime(artifact.version.split("Z-")[0], "%Y%m%dT%H%M%S.%f")
+        spans[f"{stage}-write"] = done[stage] - begun.replace(tzinfo=dt.UTC).timestamp()
     spans.update(steps_spans(Ledger(store).entries))
-    return {aim: max(span, 0.005) for aim, span in spans.items()}
+    return {aim: max(span, 0.002) for aim, span in spans.items()}
 
 
 def steps_spans(entries: list[dict]) -> dict[str, float]:
@@ -278,7 +301,7 @@ def landing(store: ArtifactStore, forced: str, before: dict[str, set[str]],
 
 @pytest.mark.slow
 def test_run_killed_at_any_moment_leaves_no_partial_artifact_and_an_honest_ledger(
-        tmp_path: Path, small_csv: Path, key_env: object) -> None:
+        tmp_path: Path, small_csv: Path, key_env: MasterKey) -> None:
     config_path = write_config(tmp_path / "persona.toml", small_csv, overrides=TINY_RUN)
     config = load_config(config_path)
     root = tmp_path / "artifacts"
@@ -290,6 +313,7 @@ def test_run_killed_at_any_moment_leaves_no_partial_artifact_and_an_honest_ledge
     first = run_subprocess([*base, "run"])
     assert first.returncode == 0, first.stderr
     durations = span_durations(store, started)
+    first_spans = ", ".join(f"{aim} {seconds:.3f}s" for aim, seconds in durations.items())
     plan = aims(store)
 
     rng = random.Random(SEED)
@@ -303,7 +327,7 @@ def test_run_killed_at_any_moment_leaves_no_partial_artifact_and_an_honest_ledge
         if attempt >= len(PLANNED_AIMS):
             if len(killed) >= KILLS_REQUIRED and not missing:
                 break
-            aim = (missing or list(ROTATION))[attempt % len(missing or ROTATION)]
+            aim = (missing or PLANNED_AIMS)[attempt % len(missing or PLANNED_AIMS)]
         else:
             aim = PLANNED_AIMS[attempt]
         forced, trigger = plan[aim]
@@ -366,18 +390,23 @@ def test_run_killed_at_any_moment_leaves_no_partial_artifact_and_an_honest_ledge
             assert by_run[run_id]["status"] == status, (
                 f"the rerun changed killed training run {run_id} from {status} to "
                 f"{by_run[run_id]}: a killed run must stay counted in full")
+        still_open = {e["run_id"] for e in entries if e["status"] == "reserved"}
+        assert still_open <= set(started_runs), (
+            f"reservations of runs that were not killed are still open: "
+            f"{still_open - set(started_runs)}")
         for stage in STAGES:
             store.get(stage)  # the newest of every stage is complete and readable
         point.seconds = time.monotonic() - cycle
 
     killed = [p for p in points if p.killed]
     report = "\n".join(
-        f"  kill {p.attempt:2d} ({p.seconds:4.1f}s): aimed at {p.aim:13s} +{p.delay:6.3f}s -> "
+        f"  kill {p.attempt:2d} ({p.seconds:4.1f}s): aimed at {p.aim:14s} +{p.delay:6.3f}s -> "
         + (f"landed in {p.landed:8s} ({p.detail})" if p.killed
            else f"missed: the run had already exited {p.returncode}")
         for p in points)
     print(f"\ncrash harness: {len(killed)} kills survived, by stage "
-          f"{dict(Counter(p.landed for p in killed))}\n{report}")
+          f"{dict(Counter(p.landed for p in killed))}\nspans of the uninterrupted run: "
+          f"{first_spans}\n{report}")
     assert len(killed) >= KILLS_REQUIRED, report
     assert {p.landed for p in killed} >= set(STAGES), report
     assert sum(p.reserved for p in killed) >= KILLS_AFTER_RESERVATION_REQUIRED, report

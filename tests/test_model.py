@@ -32,7 +32,7 @@ def _config(*, bins: int = 0, target: dict | None = None, **columns: dict) -> Co
         "id": {"role": "identifier"},
         "age": {"type": "numeric", "bounds": [10, 90]},
         "gain": {"type": "numeric", "bounds": [0, 99999], "scale": "log"},
-        "seen": {"type": "datetime", "bounds": ["2024-01-01", "2025-01-01"]},
+        "seen": {"type": "datetime", "bounds": ["2024-01-01T00:00:00Z", "2025-01-01T00:00:00Z"]},
         "color": {"categories": ["red", "green", "blue"], "missing_indicator": True},
         "y": target or {"role": "target", "categories": ["no", "yes"]},
         **columns,
