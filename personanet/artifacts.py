@@ -94,7 +94,7 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -379,7 +379,7 @@ class ArtifactWriter:
         outputs = []
         for name, entry in sorted(self._outputs.items()):
             path = self.tmp / name
-            _fsync_path(path)
+            fsync_path(path)
             outputs.append({**entry, "sha256": sha256_file(path), "bytes": path.stat().st_size})
         manifest = {
             **self.manifest,
@@ -394,10 +394,10 @@ class ArtifactWriter:
             fh.write("\n")
             fh.flush()
             os.fsync(fh.fileno())
-        _fsync_path(self.tmp)
+        fsync_path(self.tmp)
         final = self.tmp.parent / self.version
         os.rename(self.tmp, final)
-        _fsync_path(final.parent)
+        fsync_path(final.parent)
         return Artifact(self.store.dataset, self.stage, self.version, final, manifest)
 
     def abort(self) -> None:

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from personanet import stage, tables, ui
-from personanet.artifacts import ArtifactStore, new_version, utc_now
+from personanet.artifacts import ArtifactStore, fsync_path, new_version, utc_now
 from personanet.config import Config
 from personanet.encoding import EncodedBatch, Encoder
 from personanet.errors import (
@@ -950,10 +950,10 @@ def _save_checkpoint(run_dir: Path, *, epoch: int, run_id: str, fingerprint: str
     }
     (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
     for path in tmp.iterdir():
-        _fsync(path)
-    _fsync(tmp)
+        fsync_path(path)
+    fsync_path(tmp)
     os.rename(tmp, final)
-    _fsync(run_dir)
+    fsync_path(run_dir)
     for old in run_dir.glob("epoch-*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
@@ -968,10 +968,4 @@ def _started_at(run_dir: Path) -> str:
     return marker.read_text().strip()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
