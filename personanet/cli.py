@@ -341,7 +341,7 @@ def _global(
     _setup_logging(_options)
     from personanet import ui
 
-    ui.configure(quiet=quiet or json_output and not sys.stderr.isatty())
+    ui.configure(quiet=quiet)
 
 
 # ------------------------------------------------------------------ stages

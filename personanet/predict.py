@@ -10,6 +10,7 @@ when the user asks for one explicitly (`--output PATH --plaintext-output`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -99,8 +100,7 @@ def _predict_locked(config: Config, store: ArtifactStore, key: crypto.MasterKey,
         log.info("predict: reusing %s", reusable.version)
         if output is not None:
             _export(reusable.path / PREDICTIONS, output, key, plaintext=plaintext_output)
-        return StageResult(**{**StageResult.of(reusable, reused=True).__dict__,
-                              "warnings": warnings})
+        return dataclasses.replace(reusable, warnings=warnings)
 
     from personanet.model import load_model
     from personanet.pseudonym import pseudonym_key
