@@ -14,6 +14,7 @@ import datetime as dt
 import errno
 import fcntl
 import hashlib
+import hmac
 import json
 import os
 import platform
@@ -33,6 +34,7 @@ from personanet import __version__
 from personanet.errors import (
     InputMissingError,
     IntegrityError,
+    KeyAccessError,
     LockBusyError,
     OutputError,
     UsageError,
@@ -44,6 +46,10 @@ STAGES = ("collect", "clean", "train", "evaluate", "predict")
 LOCK_FILE = ".personanet.lock"
 TMP_PREFIX = ".tmp-"
 DEFAULT_LOCK_TIMEOUT = 60.0
+SEAL = "seal"
+SEAL_ALGORITHM = "HMAC-SHA256"
+ADOPT_HINT = ("check and adopt the root with `personanet artifacts seal` (it authenticates "
+              "every file first)")
 
 
 def sha256_file(path: Path) -> str:
@@ -103,6 +109,71 @@ def fsync_path(path: Path) -> None:
 
 
 @dataclass(frozen=True)
+class Sealer:
+    """Seals manifests with HMAC-SHA256 and checks their seals.
+
+    A manifest is plaintext (it must be readable without the key to list and garbage-
+    collect), but everything in it, the sha256 of every file included, is what a reader
+    trusts. The seal makes any edit detectable by whoever holds the master key, so a
+    forged `privacy.json` cannot come with a forged checksum.
+
+    Attributes:
+        key_id: public id of the master key the MAC key was derived from; it stands in the
+            seal so that a manifest sealed under another key reads as "wrong key" (77).
+        mac_key: the secret MAC key (`MasterKey.derive("manifest-seal")`); never logged.
+    """
+
+    key_id: str
+    mac_key: bytes = field(repr=False)
+
+    def mac(self, manifest: dict[str, Any]) -> str:
+        body = {k: v for k, v in manifest.items() if k != SEAL}
+        canonical = json.dumps({"key_id": self.key_id, "manifest": body}, sort_keys=True,
+                               separators=(",", ":"), ensure_ascii=True)
+        return hmac.new(self.mac_key, canonical.encode("ascii"), hashlib.sha256).hexdigest()
+
+    def seal(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """The manifest with a fresh seal (any old seal replaced)."""
+        # Sealed as it will read back from disk (tuples as lists, keys as strings), so the
+        # MAC computed now is the MAC a reader computes.
+        body = json.loads(json.dumps({k: v for k, v in manifest.items() if k != SEAL}))
+        return {**body, SEAL: {"algorithm": SEAL_ALGORITHM, "key_id": self.key_id,
+                               "mac": self.mac(body)}}
+
+    def check(self, manifest: dict[str, Any], where: Path) -> None:
+        """IntegrityError (65) for a missing or wrong seal; KeyAccessError (77) for another key.
+
+        An unsealed manifest is refused, not accepted: deleting the seal must not be a way
+        around it. Manifests written before seals existed are adopted explicitly.
+        """
+        seal = manifest.get(SEAL)
+        if not isinstance(seal, dict) or not isinstance(seal.get("mac"), str):
+            raise IntegrityError(f"{where}: manifest is not sealed (written by an older "
+                                 f"personanet, or its seal was removed): {ADOPT_HINT}")
+        if seal.get("key_id") != self.key_id:
+            raise KeyAccessError(f"{where}: manifest is sealed under key id "
+                                 f"{seal.get('key_id')} but the loaded key has id "
+                                 f"{self.key_id}; `personanet keys rotate` changes keys")
+        if seal.get("algorithm") != SEAL_ALGORITHM or not hmac.compare_digest(
+                seal["mac"], self.mac(manifest)):
+            raise IntegrityError(f"{where}: manifest seal does not match (the manifest or its "
+                                 "seal was edited); `personanet artifacts verify` checks the "
+                                 "store")
+
+
+def manifest_key_ids(manifest: dict[str, Any]) -> set[str]:
+    """The master key ids a manifest names: its seal's and its encrypted files'."""
+    ids = set()
+    seal = manifest.get(SEAL)
+    if isinstance(seal, dict) and isinstance(seal.get("key_id"), str):
+        ids.add(seal["key_id"])
+    for out in manifest.get("outputs", []):
+        if isinstance(out, dict) and out.get("encrypted") and isinstance(out.get("key_id"), str):
+            ids.add(out["key_id"])
+    return ids
+
+
+@dataclass(frozen=True)
 class Artifact:
     """A complete, immutable artifact version (its manifest has been validated)."""
 
@@ -155,6 +226,32 @@ class ArtifactStore:
         self.root = Path(root)
         self.dataset = dataset
         self.lock_timeout = lock_timeout
+        #: set by `use_sealer` once the key is known: new manifests are sealed and every
+        #: artifact handed out by `get` and `find_reusable` has its seal checked
+        self.sealer: Sealer | None = None
+
+    def use_sealer(self, sealer: Sealer) -> None:
+        self.sealer = sealer
+
+    def checked(self, artifact: Artifact) -> Artifact:
+        """`artifact` after its manifest's seal is checked (when the store has a sealer)."""
+        if self.sealer is not None:
+            self.sealer.check(artifact.manifest, artifact.path / MANIFEST)
+        return artifact
+
+    def key_ids(self) -> set[str]:
+        """Every master key id named by any manifest of any dataset under the root."""
+        if not self.root.is_dir():
+            return set()
+        ids: set[str] = set()
+        for dataset in sorted(self.root.iterdir()):
+            if not dataset.is_dir() or dataset.name.startswith("."):
+                continue
+            store = ArtifactStore(self.root, dataset.name)
+            for stage in STAGES:
+                for artifact in store.versions(stage):
+                    ids |= manifest_key_ids(artifact.manifest)
+        return ids
 
     @property
     def dataset_dir(self) -> Path:
@@ -201,7 +298,7 @@ class ArtifactStore:
                     f"no complete {stage} artifact for dataset {self.dataset!r} under "
                     f"{self.root}: run `personanet {stage}` first"
                 )
-            return versions[-1]
+            return self.checked(versions[-1])
         folder = self.stage_dir(stage) / version
         artifact = self._load(stage, folder) if folder.is_dir() else None
         if artifact is None:
@@ -209,7 +306,7 @@ class ArtifactStore:
                 f"{stage} artifact {version!r} not found (or incomplete) under {self.dataset_dir}; "
                 "`personanet artifacts list` shows the versions"
             )
-        return artifact
+        return self.checked(artifact)
 
     def find(self, version: str) -> Artifact:
         """Any stage's artifact by version id (a unique prefix is enough)."""
@@ -222,13 +319,16 @@ class ArtifactStore:
             return matches[0]
         if not matches:
             raise InputMissingError(f"no artifact {version!r} in dataset {self.dataset!r}")
-        raise UsageError(f"version prefix {version!r} is ambiguous: {len(matches)} artifacts match")
+        shown = ", ".join(f"{a.stage} {a.version}" for a in matches[:8])
+        more = f" and {len(matches) - 8} more" if len(matches) > 8 else ""
+        raise UsageError(f"version prefix {version!r} is ambiguous: {len(matches)} artifacts "
+                         f"match ({shown}{more}); give more of the version")
 
     def find_reusable(self, stage: str, fingerprint: str) -> Artifact | None:
         """The newest complete artifact computed from identical inputs and config."""
         for artifact in reversed(self.versions(stage)):
             if artifact.manifest.get("fingerprint") == fingerprint:
-                return artifact
+                return self.checked(artifact)
         return None
 
     # ----------------------------------------------------------------- locking
@@ -388,6 +488,8 @@ class ArtifactWriter:
             "figures": self.figures,
             "environment": environment(),
         }
+        if self.store.sealer is not None:
+            manifest = self.store.sealer.seal(manifest)
         manifest_path = self.tmp / MANIFEST
         with open(manifest_path, "w", encoding="utf-8") as fh:
             json.dump(manifest, fh, indent=2, sort_keys=True)

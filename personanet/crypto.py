@@ -57,6 +57,7 @@ __all__ = [
     "encrypt_stream",
     "is_encrypted",
     "load_master_key",
+    "manifest_seal_key",
     "read_encrypted_file",
     "read_header",
     "rewrap_file",
@@ -186,6 +187,16 @@ class MasterKey:
         return f"MasterKey(key_id={self.key_id!r})"
 
     __str__ = __repr__
+
+
+#: HKDF purpose of the key that seals artifact manifests (HMAC-SHA256). Its own purpose,
+#: so the manifest MAC key is unrelated to the key wrapping data keys or the pseudonym key.
+MANIFEST_SEAL_PURPOSE = "manifest-seal"
+
+
+def manifest_seal_key(key: MasterKey) -> bytes:
+    """The 32-byte HMAC key that seals manifests under `key` (see ``docs/encryption.md``)."""
+    return key.derive(MANIFEST_SEAL_PURPOSE)
 
 
 # --------------------------------------------------------------------------- key files

@@ -18,6 +18,7 @@ from typing import Any
 from personanet import crypto
 from personanet.artifacts import (
     MANIFEST,
+    SEAL,
     STAGES,
     Artifact,
     ArtifactStore,
@@ -26,6 +27,8 @@ from personanet.artifacts import (
     verify_checksums,
 )
 from personanet.errors import KeyAccessError
+from personanet.privacy import Ledger
+from personanet.stage import sealer_for
 
 log = logging.getLogger("personanet")
 
@@ -61,25 +64,75 @@ def verify(stores: Iterable[ArtifactStore], key: crypto.MasterKey | None, *,
     Raises IntegrityError (exit 65) naming the first bad file; KeyAccessError (77) if an
     encrypted file is under another key or no key was given.
     """
+    if key is None:
+        raise KeyAccessError("verify needs the key to check manifest seals and authenticate "
+                             "encrypted files: set PERSONANET_KEY_FILE or PERSONANET_KEY")
+    sealer = sealer_for(key)
     report = VerifyReport()
     for store in stores:
         targets = [store.find(version)] if version else all_artifacts(store)
         for artifact in targets:
-            verify_checksums(artifact)
+            # The seal first: only a manifest written under this key is worth checking files
+            # against (a forged checksum in an unsealed manifest proves nothing).
+            sealer.check(artifact.manifest, artifact.path / MANIFEST)
+            _check_files(artifact, key, report)
             report.artifacts += 1
-            for out in artifact.manifest.get("outputs", []):
-                report.files += 1
-                report.bytes_checked += int(out["bytes"])
-                if not out.get("encrypted"):
+        if version is None:
+            Ledger(store, key).verify()  # its own seal, and a run for every private model
+    return report
+
+
+def _check_files(artifact: Artifact, key: crypto.MasterKey, report: VerifyReport) -> None:
+    """sha256 of every file against the manifest; every encrypted file authenticated."""
+    verify_checksums(artifact)
+    for out in artifact.manifest.get("outputs", []):
+        report.files += 1
+        report.bytes_checked += int(out["bytes"])
+        if not out.get("encrypted"):
+            continue
+        path = artifact.path / out["name"]
+        with open(path, "rb") as fh:
+            for _ in crypto.decrypt_stream(fh, key):
+                pass
+        report.encrypted_files += 1
+
+
+# ------------------------------------------------------------------------- seal
+
+
+@dataclass
+class SealReport:
+    key_id: str
+    sealed: list[str] = field(default_factory=list)
+    already_sealed: int = 0
+
+
+def seal(stores: Iterable[ArtifactStore], key: crypto.MasterKey) -> SealReport:
+    """Adopt manifests written before manifests were sealed: check each, then seal it.
+
+    An unsealed manifest is refused everywhere else, since deleting a seal must not be a
+    way around it; this is the one explicit, logged way in. Before sealing, every file is
+    checked against the manifest and every encrypted file is authenticated end to end
+    under `key`, so what gets sealed is at least consistent with data only this key could
+    have written. It cannot tell whether a plaintext file (a model, a privacy claim) was
+    forged together with its checksum *before* adoption: seal a root you trust.
+    Already sealed manifests are checked (65 / 77 when their seal fails), never re-sealed.
+    """
+    sealer = sealer_for(key)
+    report = SealReport(key_id=key.key_id)
+    for store in stores:
+        with store.lock():
+            for artifact in all_artifacts(store):
+                where = artifact.path / MANIFEST
+                if SEAL in artifact.manifest:
+                    sealer.check(artifact.manifest, where)
+                    report.already_sealed += 1
                     continue
-                if key is None:
-                    raise KeyAccessError("verify needs the key to authenticate encrypted files: "
-                                         "set PERSONANET_KEY_FILE or PERSONANET_KEY")
-                path = artifact.path / out["name"]
-                with open(path, "rb") as fh:
-                    for _ in crypto.decrypt_stream(fh, key):
-                        pass
-                report.encrypted_files += 1
+                _check_files(artifact, key, VerifyReport())
+                _replace_json(where, sealer.seal(artifact.manifest))
+                report.sealed.append(f"{store.dataset}/{artifact.stage}/{artifact.version}")
+                log.warning("sealed the manifest of %s artifact %s under key %s (adopted after "
+                            "checking every file)", artifact.stage, artifact.version, key.key_id)
     return report
 
 
@@ -159,9 +212,10 @@ def rotate(root: Path, old: crypto.MasterKey, new: crypto.MasterKey, *,
            lock_timeout: float) -> RotationReport:
     """Re-wrap every data key under `new` without re-encrypting any payload.
 
-    Each file is re-wrapped atomically (temp + rename), then its manifest entry is updated
-    atomically; a file already under `new` is skipped, so an interrupted rotation resumes
-    by running it again. Afterwards the old key opens nothing.
+    Each file is re-wrapped atomically (temp + rename), then its manifest is updated and
+    re-sealed under `new` atomically, after its old seal was checked (a forged manifest is
+    never laundered by a rotation); a file already under `new` is skipped, so an
+    interrupted rotation resumes by running it again. Afterwards the old key opens nothing.
     """
     if old.key_id == new.key_id:
         from personanet.errors import UsageError
@@ -174,14 +228,21 @@ def rotate(root: Path, old: crypto.MasterKey, new: crypto.MasterKey, *,
         with store.lock():
             for artifact in all_artifacts(store):
                 _rotate_artifact(artifact, old, new, report)
+            Ledger(store, old).reseal(new)  # the budget ledger's seal follows the key
             _append_rotation_log(store, report)
     return report
 
 
 def _rotate_artifact(artifact: Artifact, old: crypto.MasterKey, new: crypto.MasterKey,
                      report: RotationReport) -> None:
-    manifest = json.loads((artifact.path / MANIFEST).read_text("utf-8"))
-    changed = False
+    where = artifact.path / MANIFEST
+    manifest = json.loads(where.read_text("utf-8"))
+    seal_key_id = manifest.get(SEAL, {}).get("key_id") if isinstance(manifest.get(SEAL),
+                                                                      dict) else None
+    # An interrupted rotation left this manifest already sealed under the new key.
+    sealed_under = new if seal_key_id == new.key_id else old
+    sealer_for(sealed_under).check(manifest, where)
+    changed = sealed_under is old
     for out in manifest.get("outputs", []):
         if not out.get("encrypted"):
             continue
@@ -202,7 +263,7 @@ def _rotate_artifact(artifact: Artifact, old: crypto.MasterKey, new: crypto.Mast
     if changed:
         manifest.setdefault("key_rotations", []).append(
             {"at": utc_now(), "from": old.key_id, "to": new.key_id})
-        _replace_json(artifact.path / MANIFEST, manifest)
+        _replace_json(where, sealer_for(new).seal(manifest))
         report.manifests_updated += 1
 
 

@@ -31,6 +31,7 @@ from personanet.config import Config, load_config, parse_config
 from personanet.crypto import MasterKey
 from personanet.errors import BadInputError, ConfigError
 from personanet.pseudonym import pseudonym_key, pseudonymize
+from personanet.stage import require_key
 
 from .conftest import CONFIG, ROOT, sample_lines
 
@@ -53,14 +54,18 @@ def collected(config: Config, root: Path, key: MasterKey, source: Path | None = 
     return store
 
 
-def write_collect_artifact(store: ArtifactStore, key: MasterKey, records: pl.DataFrame) -> None:
-    """A collect artifact written with the store API, bypassing collect's own checks."""
+def write_collect_artifact(store: ArtifactStore, key: MasterKey, records: pl.DataFrame) -> str:
+    """A collect artifact written with the store API, bypassing collect's own checks.
+
+    Its version: being no config's chain, clean reads it only when named (--input).
+    """
+    require_key(store, key)  # the store seals its manifest, as every stage's
     with store.lock(), store.create("collect", fingerprint="hand-made", inputs=[], config={},
                                     config_hash="none") as writer:
         tables.write_encrypted_parquet(writer.path("records.parquet.enc"), records, key)
         writer.add("records.parquet.enc", rows=records.height, encrypted=True,
                    key_id=key.key_id)
-        writer.commit()
+        return writer.commit().version
 
 
 def decrypted(path: Path, key: MasterKey) -> bytes:
@@ -227,9 +232,9 @@ def test_clean_refuses_records_it_cannot_use(name: str, message: str, tmp_path: 
     # A collect artifact written without collect's checks still cannot reach a model.
     config = load_config(MESSY / "persona_messy.toml")
     store = ArtifactStore(tmp_path / "a", config.dataset.name)
-    write_collect_artifact(store, key, tables.read_source(MESSY / name))
+    version = write_collect_artifact(store, key, tables.read_source(MESSY / name))
     with pytest.raises(BadInputError, match=message) as caught:
-        clean(config, store, key)
+        clean(config, store, key, input_version=version)
     assert caught.value.exit_code == 65
     assert store.versions("clean") == []
 
@@ -245,8 +250,8 @@ def test_cli_malformed_input_exits_65_with_one_line(name: str, cli, key_env, tmp
 
     if name != "empty.csv":  # the same records, smuggled past collect, stop clean too
         store = ArtifactStore(root, "messy")
-        write_collect_artifact(store, key_env, tables.read_source(MESSY / name))
-        result = cli("--config", config, "--artifacts", root, "clean")
+        version = write_collect_artifact(store, key_env, tables.read_source(MESSY / name))
+        result = cli("--config", config, "--artifacts", root, "clean", "--input", version)
         assert result.code == 65
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
@@ -272,7 +277,8 @@ def test_no_identifier_value_in_any_byte_of_the_decrypted_outputs(tmp_path: Path
     source.write_text(sample_lines(2000), encoding="utf-8")
     config = load_config(CONFIG)
     store = collected(config, tmp_path / "a", key, source)
-    result = clean(config, store, key)
+    # collected from another source than the config's: named, since it is not the chain's
+    result = clean(config, store, key, input_version=store.versions("collect")[-1].version)
     messy_config = load_config(MESSY / "persona_messy.toml")
     messy_result = clean(messy_config, collected(messy_config, tmp_path / "m", key), key)
 

@@ -38,7 +38,11 @@ def test_verify_authenticates_even_when_checksums_are_forged(cli, key_env, colle
     from personanet.artifacts import sha256_file
 
     manifest["outputs"][0]["sha256"] = sha256_file(target)
-    (collected / "manifest.json").write_text(json.dumps(manifest))
+    # Re-sealed with the key itself: even a manifest that vouches for the flipped file
+    # (the seal is checked first) cannot hide it from end-to-end authentication.
+    from personanet.stage import sealer_for
+
+    (collected / "manifest.json").write_text(json.dumps(sealer_for(key_env).seal(manifest)))
     result = cli("artifacts", "verify")
     assert result.code == 65 and "records.parquet.enc" in result.stderr
 

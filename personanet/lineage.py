@@ -1,0 +1,114 @@
+"""The current config's chain: which artifact each stage would use, without running any.
+
+A stage that is not told which input to read takes the artifact that the config's own
+chain produces (collect of `dataset.source`, clean of that, train of that), the one
+`run` would use, never simply the newest: a newer artifact may come from another config
+(a `--no-dp` comparison, other train settings) and scoring it under this config's name
+would report the wrong model. Each stage's fingerprint is a function here, so the stage
+and the chain compute it the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from personanet.artifacts import Artifact, ArtifactStore, sha256_file
+from personanet.errors import InputMissingError
+from personanet.stage import fingerprint
+
+if TYPE_CHECKING:
+    from personanet.config import Config
+
+log = logging.getLogger("personanet")
+
+#: the stages whose artifacts feed later ones, in order
+CHAIN = ("collect", "clean", "train")
+
+
+# ------------------------------------------------------------------- fingerprints
+
+
+def collect_fingerprint(config: Config, source_sha256: list[str]) -> str:
+    """collect's identity: the bytes of its sources (in order) and the configured columns."""
+    from personanet.config import SourceConfig
+
+    # How the files are read ([source]) changes the records; the default adds nothing, so
+    # stores made before [source] existed keep their identities.
+    read = {} if config.source == SourceConfig() else {"read": config.section("source")}
+    return fingerprint("collect", sources=list(source_sha256),
+                       columns={name: column.required for name, column in config.columns.items()},
+                       **read)
+
+
+def clean_fingerprint(config: Config, collect_version: str) -> str:
+    return fingerprint("clean", input=collect_version,
+                       config=config.section_hash("dataset", "columns", "clean"))
+
+
+def train_fingerprint(config: Config, clean_version: str, *, private: bool) -> str:
+    """train's identity; `private` (DP-SGD or `--no-dp`) is part of it, so the two never mix."""
+    return fingerprint("train", input=clean_version,
+                       config=config.section_hash("columns", "train", "dataset"),
+                       private=private)
+
+
+# -------------------------------------------------------------------------- chain
+
+
+def resolve_chain(config: Config, store: ArtifactStore) -> dict[str, Artifact | None]:
+    """Each stage's artifact in the config's chain, or None where it does not exist yet.
+
+    Reads manifests and hashes the config's source files; runs nothing. The train entry
+    is the private model when it exists, else the chain's `--no-dp` model. Raises
+    InputMissingError (66) when the sources are gone, since then the chain has no start.
+    """
+    from personanet import tables
+
+    chain: dict[str, Artifact | None] = dict.fromkeys(CHAIN)
+    try:
+        paths = tables.resolve_sources(config.dataset.source, base=config.base_dir)
+    except InputMissingError as exc:
+        raise InputMissingError(
+            f"{exc}; the config's chain of artifacts starts from its sources, so name the "
+            "artifact to use: --input VERSION (clean, train) or --model VERSION (evaluate, "
+            "predict); `personanet artifacts list` shows them") from None
+    chain["collect"] = store.find_reusable(
+        "collect", collect_fingerprint(config, [sha256_file(p) for p in paths]))
+    if chain["collect"] is not None:
+        chain["clean"] = store.find_reusable(
+            "clean", clean_fingerprint(config, chain["collect"].version))
+    if chain["clean"] is not None:
+        for private in (True, False):
+            chain["train"] = store.find_reusable(
+                "train", train_fingerprint(config, chain["clean"].version, private=private))
+            if chain["train"] is not None:
+                break
+    return chain
+
+
+def chain_input(config: Config, store: ArtifactStore, stage: str, *, reader: str
+                ) -> tuple[Artifact, list[str]]:
+    """The chain's `stage` artifact that the stage `reader` reads by default, and warnings.
+
+    Raises InputMissingError (66) naming the first stage of the chain still to run.
+    """
+    chain = resolve_chain(config, store)
+    flag = "--model" if stage == "train" else "--input"
+    for earlier in CHAIN[:CHAIN.index(stage) + 1]:
+        if chain[earlier] is None:
+            raise InputMissingError(
+                f"{reader}: the current config's chain has no {earlier} artifact yet: run "
+                f"`personanet {earlier}` (or `personanet run`), or pick one with {flag} VERSION")
+    artifact = chain[stage]
+    assert artifact is not None
+    warnings = []
+    if stage == "train" and artifact.figures.get("private") is False:
+        warnings.append(f"the current config's chain has only a --no-dp model "
+                        f"({artifact.version}): {reader} uses it, and it carries no privacy "
+                        "guarantee; `personanet train` makes the private one")
+        log.warning(warnings[-1])
+    what = "model" if stage == "train" else f"{stage} artifact"
+    log.info("%s: %s %s, from the current config's chain (%s VERSION picks another)",
+             reader, what, artifact.version, flag)
+    return artifact, warnings
