@@ -28,12 +28,21 @@ def enabled() -> bool:
     return bool(_enabled)
 
 
-def console() -> Any:
-    """A rich console on stderr that honours NO_COLOR and TERM=dumb."""
+#: The width rich lays tables out in when its stream is a pipe or a file: rich would
+#: otherwise assume 80 columns and cut cells ("2026112…"); a reader of a log or `less -S`
+#: wants whole values. Tables still take only the width they need.
+PIPE_WIDTH = 1000
+
+
+def console(*, stdout: bool = False) -> Any:
+    """A rich console on stderr (or stdout) that honours NO_COLOR and TERM=dumb, and
+    never cuts a table to 80 columns when the stream is not a terminal."""
     from rich.console import Console
 
-    return Console(stderr=True, no_color="NO_COLOR" in os.environ or None,
-                   force_terminal=None)
+    stream = sys.stdout if stdout else sys.stderr
+    piped = not stream.isatty() and "COLUMNS" not in os.environ
+    return Console(file=stream, no_color="NO_COLOR" in os.environ or None,
+                   force_terminal=None, width=PIPE_WIDTH if piped else None)
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from rich.console import Console
 
 from personanet.artifacts import ArtifactStore
 from personanet.config import BudgetConfig, Config, DatasetConfig, parse_config
+from personanet.crypto import MasterKey
 from personanet.errors import BudgetExhaustedError, IntegrityError
 from personanet.model import PersonaLoss, PersonaNet
 from personanet.privacy import (
@@ -71,6 +72,10 @@ def _config(tmp_path: Path, *, epsilon: float = 3.0, delta: float = 1e-4) -> Con
     return parse_config(raw, path=tmp_path / "c.toml")
 
 
+#: the master key that seals the ledgers of these tests (a mutation needs one)
+KEY = MasterKey.generate()
+
+
 def _store(tmp_path: Path) -> ArtifactStore:
     return ArtifactStore(tmp_path / "artifacts", "people")
 
@@ -83,7 +88,7 @@ def _reserve(ledger: Ledger, epsilon: float = 1.0, delta: float = 1e-5,
 
 def test_reservation_counts_in_full_until_settled_at_what_was_spent(tmp_path: Path) -> None:
     config, store = _config(tmp_path), _store(tmp_path)
-    ledger = Ledger(store)
+    ledger = Ledger(store, KEY)
     entry = _reserve(ledger)
     summary = budget_summary(config, store)
     assert summary["reserved_epsilon"] == 1.0 and summary["spent_epsilon"] == 0.0
@@ -97,7 +102,7 @@ def test_reservation_counts_in_full_until_settled_at_what_was_spent(tmp_path: Pa
 
 def test_refusal_names_spent_requested_and_remaining(tmp_path: Path) -> None:
     store = _store(tmp_path)
-    ledger = Ledger(store)
+    ledger = Ledger(store, KEY)
     ledger.settle(_reserve(ledger)["run_id"], epsilon=0.99, delta=1e-5)
     _reserve(ledger)  # a killed run: still reserved
     before = ledger.path.read_bytes()
@@ -112,7 +117,7 @@ def test_refusal_names_spent_requested_and_remaining(tmp_path: Path) -> None:
 
 
 def test_delta_is_budgeted_too(tmp_path: Path) -> None:
-    ledger = Ledger(_store(tmp_path))
+    ledger = Ledger(_store(tmp_path), KEY)
     _reserve(ledger, delta=6e-5)
     with pytest.raises(BudgetExhaustedError, match="delta"):
         _reserve(ledger, delta=6e-5)
@@ -120,7 +125,7 @@ def test_delta_is_budgeted_too(tmp_path: Path) -> None:
 
 def test_release_and_non_private_runs_are_not_charged(tmp_path: Path) -> None:
     config, store = _config(tmp_path), _store(tmp_path)
-    ledger = Ledger(store)
+    ledger = Ledger(store, KEY)
     ledger.release(_reserve(ledger)["run_id"], reason="stopped before its first step")
     ledger.record_non_private(version="v2")
     summary = budget_summary(config, store)
@@ -131,17 +136,18 @@ def test_release_and_non_private_runs_are_not_charged(tmp_path: Path) -> None:
 
 def test_ledger_is_written_atomically_as_json(tmp_path: Path) -> None:
     store = _store(tmp_path)
-    ledger = Ledger(store)
+    ledger = Ledger(store, KEY)
     _reserve(ledger)
     assert ledger.path == store.dataset_dir / "budget.json"
     doc = json.loads(ledger.path.read_text())
-    assert doc["format"] == "personanet.budget/1" and len(doc["entries"]) == 1
+    assert doc["format"] == "personanet.budget/2" and len(doc["entries"]) == 1
+    assert doc["seal"]["key_id"] == KEY.key_id
     assert [p.name for p in ledger.path.parent.iterdir()] == ["budget.json"]
 
 
 def test_damaged_ledger_is_never_reset(tmp_path: Path) -> None:
     store = _store(tmp_path)
-    ledger = Ledger(store)
+    ledger = Ledger(store, KEY)
     _reserve(ledger)
     ledger.path.write_text("{ truncated")
     with pytest.raises(IntegrityError, match="damaged"):
@@ -154,7 +160,8 @@ import sys
 from personanet.artifacts import ArtifactStore
 from personanet.errors import BudgetExhaustedError
 from personanet.privacy import Ledger
-ledger = Ledger(ArtifactStore(sys.argv[1], "people"))
+from personanet.crypto import MasterKey
+ledger = Ledger(ArtifactStore(sys.argv[1], "people"), MasterKey.from_base64(sys.argv[2]))
 try:
     ledger.reserve(epsilon=1.0, delta=1e-6, budget_epsilon=2.5, budget_delta=1e-3)
     print("reserved")
@@ -165,7 +172,8 @@ except BudgetExhaustedError:
 
 def test_concurrent_runs_never_take_more_than_the_budget(tmp_path: Path) -> None:
     root = tmp_path / "artifacts"
-    children = [subprocess.Popen([sys.executable, "-c", CONCURRENT, str(root)], cwd=ROOT,
+    children = [subprocess.Popen([sys.executable, "-c", CONCURRENT, str(root),
+                                  KEY.to_base64()], cwd=ROOT,
                                  stdout=subprocess.PIPE, text=True, env=dict(os.environ))
                 for _ in range(5)]
     outcomes = sorted(child.communicate(timeout=120)[0].strip() for child in children)
@@ -175,7 +183,7 @@ def test_concurrent_runs_never_take_more_than_the_budget(tmp_path: Path) -> None
 
 def test_budget_show_table_lists_runs_and_totals(tmp_path: Path) -> None:
     config, store = _config(tmp_path), _store(tmp_path)
-    ledger = Ledger(store)
+    ledger = Ledger(store, KEY)
     ledger.settle(_reserve(ledger)["run_id"], epsilon=0.99, delta=1e-5, version="v1")
     killed = _reserve(ledger)
     ledger.record_non_private(version="v3")
