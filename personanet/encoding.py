@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from personanet.defaults import settled
 from personanet.errors import BadInputError, ConfigError
 
 if TYPE_CHECKING:
@@ -140,7 +141,7 @@ class Encoder:
                                    "kind": col.kind})
         return cls(categorical=categorical, numeric=numeric, indicators=indicators,
                    target=_target_spec(config.target_column),
-                   numeric_bins=config.train.numeric_bins)
+                   numeric_bins=settled(config.train).numeric_bins)
 
     def to_json(self) -> dict[str, Any]:
         return {"format": ENCODER_FORMAT, "categorical": self.categorical,

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from personanet.defaults import settled
 from personanet.encoding import Encoder
 from personanet.errors import BadInputError, InputMissingError
 
@@ -153,7 +154,7 @@ class PersonaNet(nn.Module):
         return {
             "format": MODEL_FORMAT, "cardinalities": encoder.cardinalities,
             "n_numeric": encoder.n_numeric, "n_outputs": encoder.n_outputs,
-            "task": encoder.task, "hidden_sizes": list(train.hidden_sizes),
+            "task": encoder.task, "hidden_sizes": list(settled(train).hidden_sizes),
             "activation": train.activation, "norm": train.norm, "dropout": train.dropout,
             "categorical_encoding": train.categorical_encoding,
             "embedding_dim": train.embedding_dim,

@@ -9,10 +9,10 @@ Read top to bottom, `train` does:
 Privacy, in short (docs/training.md has the long form):
 
 - Poisson sampling (Opacus' `DPDataLoader`) with rate ``q = 1 / ceil(rows /
-  batch_size)``; noise calibrated by `PrivacyEngine.make_private_with_epsilon`
-  to reach ``train.epsilon`` at ``train.delta`` after ``train.epochs`` epochs,
-  checked against the exact number of steps the sampler will take; per-example
-  clipping at ``train.max_grad_norm``; the PRV accountant, or RDP when PRV fails.
+  batch_size)``; noise calibrated (`personanet.privacy.calibrate_noise`, bounded in
+  time) to reach ``train.epsilon`` at ``train.delta`` in the exact number of steps the
+  sampler will take; per-example clipping at ``train.max_grad_norm``; the PRV
+  accountant, or RDP when PRV fails or would take too long.
 - The noise and the batch sampling draw from generators seeded by the operating
   system, never from ``train.seed`` and never written to a checkpoint: anyone
   who could replay the noise could subtract it.
@@ -26,6 +26,7 @@ is read back with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import logging
@@ -41,7 +42,8 @@ from typing import TYPE_CHECKING, Any
 
 from personanet import stage, tables, ui
 from personanet.artifacts import ArtifactStore, fsync_path, new_version, utc_now
-from personanet.config import Config
+from personanet.config import AUTO, Config
+from personanet.defaults import describe_auto, resolve_train_config, small_data_warnings
 from personanet.encoding import EncodedBatch, Encoder
 from personanet.errors import (
     BadInputError,
@@ -50,18 +52,20 @@ from personanet.errors import (
     InternalError,
     LockBusyError,
 )
+from personanet.lineage import chain_input, train_fingerprint
 from personanet.privacy import (
     AccountantError,
     BookkeepingClipper,
     Ledger,
-    check_budget,
+    calibrate_noise,
     compute_epsilon,
     epsilon_of_history,
     noise_for_epsilon,
 )
-from personanet.stage import StageResult
+from personanet.stage import StageResult, require_key
 
 if TYPE_CHECKING:
+    import polars as pl
     import torch
 
     from personanet.artifacts import Artifact
@@ -86,7 +90,8 @@ def train(config: Config, store: ArtifactStore, key: MasterKey, *,
     """Train PersonaNet on a clean artifact; DP-SGD unless `no_dp`.
 
     Args:
-        input_version: the clean version to read (default: the newest).
+        input_version: the clean version to read (default: the config's chain's, never
+            merely the newest).
         force: train again even when an identical model exists (a private run then
             spends budget again).
         no_dp: train the same network without privacy, for comparison only; the
@@ -101,6 +106,7 @@ def train(config: Config, store: ArtifactStore, key: MasterKey, *,
         ConfigError: (exit 78) an absent device, L-BFGS under DP, epsilon too small.
         InputMissingError: (exit 66) no clean artifact, or nothing to resume.
     """
+    require_key(store, key)  # a root holds one master key: refuse another before any write
     # One writer per artifact root for the whole stage: a second identical command waits
     # (then reuses the first one's artifact) instead of redoing the work, which for
     # train would charge the privacy budget twice.
@@ -119,35 +125,44 @@ def _train_locked(config: Config, store: ArtifactStore, key: MasterKey, *,
     cfg = config.train
     _check_train_config(config, private=private)
     torch_device = resolve_device(device or cfg.device)  # an absent device fails first (78)
-    clean = store.get("clean", input_version)
-    fp = stage.fingerprint("train", input=clean.version,
-                           config=config.section_hash("columns", "train", "dataset"),
-                           private=private)
+    clean = (store.get("clean", input_version) if input_version
+             else chain_input(config, store, "clean", reader="train")[0])
+    fp = train_fingerprint(config, clean.version, private=private)
     runs = RunFolders(store)
-    ledger = Ledger(store)
+    ledger = Ledger(store, key)  # sealed under the master key: an edited ledger is refused
 
     checkpoint: Checkpoint | None = None
     if resume:
         checkpoint = runs.resumable(fp, ledger)
         logger.info("resuming run %s from epoch %d/%d", checkpoint.run_id, checkpoint.epoch,
-                    cfg.epochs)
+                    checkpoint.state["epochs"])
     else:
         reused = stage.find_reusable(store, "train", fp, force=force)
         if reused is not None:
             logger.info("reusing train artifact %s (identical input and config; no budget "
                         "spent)", reused.version)
-            return reused
+            return _with_plan_warnings(reused)
         for waiting in runs.interrupted(fp, ledger):
             logger.warning("run %s was interrupted and keeps its budget reserved; "
                            "`personanet train --resume` continues it", waiting)
         if private:  # fail fast, before reading any data; `reserve` checks again under lock
-            check_budget(ledger.entries, dataset=store.dataset, epsilon=cfg.epsilon,
-                         delta=cfg.delta, budget_epsilon=config.budget.epsilon,
-                         budget_delta=config.budget.delta)
+            ledger.check(epsilon=cfg.epsilon, delta=cfg.delta,
+                         budget_epsilon=config.budget.epsilon, budget_delta=config.budget.delta)
 
     started = time.perf_counter()
-    encoder = Encoder.from_config(config)
-    rows = _read_training_rows(clean, key, encoder)
+    frame = _read_training_frame(clean, key, config)
+    # "auto" settings are chosen from how many people there are to learn from, known only
+    # now; `run_config` holds the numbers this run uses, `config` what the user wrote (the
+    # fingerprint and the manifest keep "auto": the same rows always resolve the same way).
+    cfg, chosen = resolve_train_config(cfg, n_train_rows=frame.height)
+    run_config = dataclasses.replace(config, train=cfg)
+    if chosen:
+        logger.info(describe_auto(chosen, epsilon=cfg.epsilon))
+    encoder = Encoder.from_config(run_config)
+    rows = encoder.transform(frame)
+    del frame
+    if private:
+        _check_delta(cfg.delta, rows=len(rows))
 
     torch.manual_seed(cfg.seed)  # the initial weights are public: seeded from the config
     from personanet.model import PersonaLoss, PersonaNet
@@ -160,10 +175,15 @@ def _train_locked(config: Config, store: ArtifactStore, key: MasterKey, *,
                           seed=cfg.seed)
 
     if private:
-        session: Session = _make_private(model, optimizer, loader, config, encoder.task,
+        session: Session = _make_private(model, optimizer, loader, run_config, encoder.task,
                                          device=torch_device, checkpoint=checkpoint)
     else:
-        session = _make_plain(model, optimizer, loader, config)
+        session = _make_plain(model, optimizer, loader, run_config)
+    plan_warnings = small_data_warnings(sample_rate=session.sample_rate,
+                                        planned_steps=session.planned_steps,
+                                        rows=len(rows)) if private else []
+    for warning in plan_warnings:
+        logger.warning(warning)
 
     history = TrainHistory()
     if checkpoint is not None:
@@ -198,9 +218,9 @@ def _train_locked(config: Config, store: ArtifactStore, key: MasterKey, *,
         raise
 
     wall = history.wall_before + time.perf_counter() - started
-    figures, privacy = _figures(session, history, config, rows=len(rows),
+    figures, privacy = _figures(session, history, run_config, rows=len(rows),
                                 device=torch_device, wall_seconds=wall, run_id=run_id,
-                                resumed=checkpoint is not None)
+                                resumed=checkpoint is not None, auto=chosen)
     with store.lock():
         writer = store.create("train", fingerprint=fp, inputs=[clean.as_input()],
                               config={name: config.section(name)
@@ -222,10 +242,23 @@ def _train_locked(config: Config, store: ArtifactStore, key: MasterKey, *,
             ledger.record_non_private(run_id=run_id, version=artifact.version,
                                       input=clean.version, fingerprint=fp, steps=session.steps)
     runs.remove(run_id)
-    warnings_out = [] if private else [
+    warnings_out = plan_warnings if private else [
         "trained WITHOUT differential privacy (--no-dp): for comparison only; this model "
         "carries no privacy guarantee"]
     return StageResult.of(artifact, reused=False, warnings=warnings_out)
+
+
+def _with_plan_warnings(reused: StageResult) -> StageResult:
+    """A reused model still carries the warnings of the plan it was trained with."""
+    figures = reused.figures
+    if not figures.get("private"):
+        return reused
+    found = small_data_warnings(sample_rate=float(figures["sample_rate"]),
+                                planned_steps=int(figures["steps"]),
+                                rows=int(figures["train_rows"]))
+    for warning in found:
+        logger.warning(warning)
+    return dataclasses.replace(reused, warnings=[*reused.warnings, *found])
 
 
 # --------------------------------------------------------------------- devices
@@ -285,7 +318,7 @@ def _check_train_config(config: Config, *, private: bool) -> None:
             "accounts for exactly that; use adam, adamw or sgd, or --no-dp for a non-private "
             "comparison"
         )
-    if not 0 <= cfg.numeric_bins <= 1024:
+    if cfg.numeric_bins != AUTO and not 0 <= cfg.numeric_bins <= 1024:
         raise ConfigError("train.numeric_bins must be between 0 and 1024")
     if not 0.0 <= cfg.momentum < 1.0:
         raise ConfigError("train.momentum must be in [0, 1)")
@@ -293,20 +326,24 @@ def _check_train_config(config: Config, *, private: bool) -> None:
         raise ConfigError("train.weight_decay must be >= 0")
 
 
-def _read_training_rows(clean: Artifact, key: MasterKey, encoder: Encoder) -> EncodedBatch:
+def _read_training_frame(clean: Artifact, key: MasterKey, config: Config) -> pl.DataFrame:
+    """The clean training rows that have a usable target (one per person)."""
+    import polars as pl
+
     frame = tables.read_artifact_table(clean, TRAIN_FILE, key)
-    if encoder.target_name not in frame.columns:
-        raise BadInputError(f"clean artifact {clean.version} has no target column "
-                            f"{encoder.target_name!r}")
-    encoded = encoder.transform(frame)
-    labelled = encoded.labelled
+    target = config.dataset.target
+    if target not in frame.columns:
+        raise BadInputError(f"clean artifact {clean.version} has no target column {target!r}")
+    # The target's encoding does not depend on any "auto" setting, so any encoder tells
+    # which rows are labelled.
+    labelled = Encoder.from_config(config).transform(frame).labelled
     dropped = int((~labelled).sum())
     if dropped:
         logger.warning("%d training rows have no usable target and are left out", dropped)
-    rows = encoded.select(labelled)
-    if len(rows) == 0:
+    frame = frame.filter(pl.Series(labelled))
+    if frame.height == 0:
         raise BadInputError(f"clean artifact {clean.version} has no labelled training rows")
-    return rows
+    return frame
 
 
 class _Rows:
@@ -449,26 +486,29 @@ def _make_private(model: PersonaNet, optimizer: Any, loader: Any, config: Config
         accountants = [checkpoint.state["accountant"]]
     else:
         accountants = ["prv", "rdp"] if cfg.accountant == "prv" else ["rdp"]
+    # What Opacus' Poisson loader will do: rate 1 / len(loader), int(1 / rate) steps an
+    # epoch. The noise is calibrated for exactly those steps (`_check_plan` re-checks).
+    sample_rate = 1 / len(loader)
+    planned_steps = cfg.epochs * int(1 / sample_rate)
     failure: Exception | None = None
     for accountant in accountants:
-        with warnings.catch_warnings():
-            # Opacus warns that secure_mode (torchcsprng) is off; see docs/training.md.
-            warnings.simplefilter("ignore", UserWarning)
-            engine = PrivacyEngine(accountant=accountant)
         common = dict(module=model, optimizer=optimizer, criterion=PersonaLoss(task),
                       data_loader=loader, max_grad_norm=cfg.max_grad_norm,
                       grad_sample_mode="ghost" if mode.startswith("ghost") else "hooks",
                       noise_generator=noise, wrap_model=False, poisson_sampling=True)
         try:
+            if checkpoint is None:
+                # Bounded in time whatever the target (RDP where PRV would take hours).
+                sigma, accountant = calibrate_noise(
+                    accountant=accountant, target_epsilon=cfg.epsilon, delta=cfg.delta,
+                    sample_rate=sample_rate, steps=planned_steps)
+            else:  # the calibrated noise of the interrupted run, not a new calibration
+                sigma = float(checkpoint.state["noise_multiplier"])
             with warnings.catch_warnings():
+                # Opacus warns that secure_mode (torchcsprng) is off; see docs/training.md.
                 warnings.simplefilter("ignore", UserWarning)
-                if checkpoint is None:
-                    prepared = engine.make_private_with_epsilon(
-                        target_epsilon=cfg.epsilon, target_delta=cfg.delta, epochs=cfg.epochs,
-                        **common)
-                else:  # the calibrated noise of the interrupted run, not a new calibration
-                    prepared = engine.make_private(
-                        noise_multiplier=checkpoint.state["noise_multiplier"], **common)
+                engine = PrivacyEngine(accountant=accountant)
+                prepared = engine.make_private(noise_multiplier=sigma, **common)
         except ValueError as exc:
             if "too low" in str(exc):
                 raise ConfigError(
@@ -510,6 +550,27 @@ def _make_private(model: PersonaNet, optimizer: Any, loader: Any, config: Config
     raise ConfigError(f"no accountant could calibrate the noise: {failure}")
 
 
+def _check_delta(delta: float, *, rows: int) -> None:
+    """ConfigError (78) unless ``delta < 1 / rows``.
+
+    (epsilon, delta)-DP allows a total failure with probability delta: a mechanism that
+    publishes one random row outright satisfies it with ``delta = 1 / rows``. A delta at
+    or above that guarantees nothing, however small epsilon is.
+    """
+    if delta * rows >= 1:
+        raise ConfigError(
+            f"train.delta = {delta:g} is not below 1/rows = {1 / rows:.3g} for the {rows} "
+            "training rows: a delta that large allows publishing a person's record outright; "
+            f"set train.delta well below it (e.g. {_suggested_delta(rows):g})")
+
+
+def _suggested_delta(rows: int) -> float:
+    """A power of ten at most 1 / (10 rows), no larger than the default 1e-5."""
+    import math
+
+    return min(1e-5, 10.0 ** math.floor(math.log10(1 / (10 * rows))))
+
+
 def _unpack(prepared: tuple[Any, ...]) -> tuple[Any, Any, Any, Any]:
     if len(prepared) == 4:
         return prepared  # type: ignore[return-value]
@@ -520,9 +581,10 @@ def _unpack(prepared: tuple[Any, ...]) -> tuple[Any, Any, Any, Any]:
 def _check_plan(session: Session, checkpoint: Checkpoint | None) -> None:
     """The planned run must end at or below the target epsilon, to the step.
 
-    Opacus calibrates for ``int(epochs / sample_rate)`` steps while its sampler takes
-    ``int(1 / sample_rate)`` per epoch; for some row counts the two differ by a step,
-    which would overshoot the target. Recalibrate for the real count when that happens.
+    `_make_private` calibrates for the steps it predicts Opacus' sampler will take
+    (``int(1 / sample_rate)`` per epoch; Opacus' own ``make_private_with_epsilon`` uses
+    ``int(epochs / sample_rate)``, a step short for some row counts). Should the
+    sampler disagree, recalibrate for its real count rather than overshoot the target.
     """
     if checkpoint is not None:
         saved = checkpoint.state
@@ -535,7 +597,7 @@ def _check_plan(session: Session, checkpoint: Checkpoint | None) -> None:
                               noise_multiplier=float(session.noise_multiplier),
                               sample_rate=session.sample_rate, steps=session.planned_steps,
                               delta=float(session.delta))
-    if planned > float(session.target_epsilon):
+    if planned > float(session.target_epsilon):  # Opacus' loader did not do as predicted
         sigma = noise_for_epsilon(accountant=str(session.accountant),
                                   target_epsilon=float(session.target_epsilon),
                                   delta=float(session.delta), sample_rate=session.sample_rate,
@@ -718,8 +780,10 @@ def _stopped(exc: BaseException, ledger: Ledger, run_id: str, run_dir: Path, ses
 
 
 def _figures(session: Session, history: TrainHistory, config: Config, *, rows: int,
-             device: torch.device, wall_seconds: float, run_id: str, resumed: bool
-             ) -> tuple[dict[str, Any], dict[str, Any]]:
+             device: torch.device, wall_seconds: float, run_id: str, resumed: bool,
+             auto: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The manifest's figures and privacy.json, from the run's resolved `config`; `auto`
+    holds what `personanet.defaults` chose for the keys set to "auto"."""
     cfg = config.train
     if session.private:
         if session.steps != session.planned_steps:
@@ -733,6 +797,7 @@ def _figures(session: Session, history: TrainHistory, config: Config, *, rows: i
             "epsilon": epsilon, "delta": session.delta, "target_epsilon": cfg.epsilon,
             "noise_multiplier": session.noise_multiplier, "sample_rate": session.sample_rate,
             "steps": steps, "epochs": cfg.epochs, "max_grad_norm": cfg.max_grad_norm,
+            "batch_size": cfg.batch_size, "auto_settings": auto,
             "expected_batch_size": session.expected_batch_size, "poisson_sampling": True,
             "grad_sample_mode": session.grad_sample_mode, "secure_rng": False,
             "privacy_unit": config.dataset.privacy_unit, "run_id": run_id,
@@ -743,6 +808,7 @@ def _figures(session: Session, history: TrainHistory, config: Config, *, rows: i
             "format": PRIVACY_FORMAT, "private": False, "accountant": None, "epsilon": None,
             "delta": None, "target_epsilon": None, "noise_multiplier": None,
             "sample_rate": session.sample_rate, "steps": session.steps, "epochs": cfg.epochs,
+            "batch_size": cfg.batch_size, "auto_settings": auto,
             "max_grad_norm": None, "expected_batch_size": session.expected_batch_size,
             "poisson_sampling": True, "grad_sample_mode": None, "run_id": run_id,
             "note": "trained without differential privacy (--no-dp): no privacy guarantee",
@@ -754,7 +820,8 @@ def _figures(session: Session, history: TrainHistory, config: Config, *, rows: i
         "steps": privacy["steps"], "epochs": cfg.epochs, "accountant": privacy["accountant"],
         "max_grad_norm": privacy["max_grad_norm"], "device": str(device), "train_rows": rows,
         "batch_size": cfg.batch_size, "optimizer": cfg.optimizer,
-        "learning_rate": cfg.learning_rate,
+        "learning_rate": cfg.learning_rate, "hidden_sizes": list(cfg.hidden_sizes),
+        "numeric_bins": cfg.numeric_bins, "auto_settings": auto,
         "final_loss": history.loss_curve[-1] if history.loss_curve else None,
         "loss_curve": history.loss_curve, "epsilon_curve": history.epsilon_curve,
         "grad_sample_mode": privacy["grad_sample_mode"],

@@ -124,7 +124,8 @@ def test_section_hash_changes_only_with_its_section() -> None:
 
 def test_cli_bad_config_exits_78_with_one_line(cli, tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
-    bad.write_text(CONFIG.read_text().replace("epochs = 10", "epochs = 10\nepohcs = 2"))
+    bad.write_text(CONFIG.read_text().replace("max_grad_norm = 1.0",
+                                              "max_grad_norm = 1.0\nepohcs = 2"))
     result = cli("--config", bad, "collect")
     assert result.code == 78
     assert result.stderr.strip().count("\n") == 0

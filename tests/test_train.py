@@ -30,7 +30,9 @@ from personanet.config import Config, load_config
 from personanet.crypto import MasterKey
 from personanet.errors import BudgetExhaustedError, ConfigError, InputMissingError
 from personanet.privacy import Ledger, budget_summary, compute_epsilon
-from personanet.train import resolve_device, train
+from personanet.stage import require_key
+from personanet.train import resolve_device
+from personanet.train import train as train_stage
 from tests.conftest import ROOT, SAMPLE, _dump_toml, write_config
 
 # ----------------------------------------------------------------------- helpers
@@ -76,6 +78,7 @@ def sample_frames(config: Config, *, train_rows: int | None, test_rows: int | No
 
 def make_clean_artifact(store: ArtifactStore, key: MasterKey, train_frame: pl.DataFrame,
                         test_frame: pl.DataFrame) -> str:
+    require_key(store, key)  # the store seals the manifest, as a stage's does
     with store.lock():
         writer = store.create("clean", fingerprint=f"test-{time.time_ns()}", inputs=[],
                               config={}, config_hash="test")
@@ -83,6 +86,15 @@ def make_clean_artifact(store: ArtifactStore, key: MasterKey, train_frame: pl.Da
             tables.write_encrypted_parquet(writer.path(name), frame, key)
             writer.add(name, rows=frame.height, encrypted=True, key_id=key.key_id)
         return writer.commit().version
+
+
+def train(config: Config, store: ArtifactStore, key: MasterKey, **options):
+    """The train stage on the newest clean artifact, named: the hand-made clean artifacts
+    here belong to no config's chain (collect -> clean), which the stage follows by default.
+    """
+    if "input_version" not in options and store.versions("clean"):
+        options["input_version"] = store.versions("clean")[-1].version
+    return train_stage(config, store, key, **options)
 
 
 def merged_toml(*parts: str) -> str:
@@ -196,6 +208,9 @@ def test_rdp_takes_over_when_prv_fails(tmp_path: Path, monkeypatch: pytest.Monke
         raise RuntimeError("Discrete mean differs significantly from continuous mean.")
 
     monkeypatch.setattr(PRVAccountant, "get_epsilon", broken)
+    from personanet import privacy
+
+    privacy._epsilon.cache_clear()  # answers cached by earlier tests would hide the failure
     s = setup(tmp_path)
     privacy = privacy_of(train(s.config, s.store, s.key))
     assert privacy["accountant"] == "rdp"
@@ -465,7 +480,8 @@ def save_then_hang(run_dir, *, epoch, **kwargs):
         time.sleep(600)
 
 t._save_checkpoint = save_then_hang
-t.train(config, store, MasterKey.from_base64(os.environ["PERSONANET_KEY"]))
+t.train(config, store, MasterKey.from_base64(os.environ["PERSONANET_KEY"]),
+        input_version=store.versions("clean")[-1].version)
 """
 
 
