@@ -38,10 +38,11 @@ from typing import TYPE_CHECKING, Any
 
 from personanet import tables
 from personanet.artifacts import ArtifactStore
-from personanet.config import ColumnConfig, Config
+from personanet.config import ROW_UNIT, ColumnConfig, Config
 from personanet.errors import BadInputError, ConfigError, InternalError
+from personanet.lineage import chain_input, clean_fingerprint
 from personanet.pseudonym import pseudonym_key, pseudonymize
-from personanet.stage import StageResult, find_reusable, fingerprint
+from personanet.stage import StageResult, find_reusable, require_key
 
 if TYPE_CHECKING:
     import numpy as np
@@ -220,7 +221,8 @@ def clean(config: Config, store: ArtifactStore, key: MasterKey, *,
         store: the artifact store of the dataset.
         key: the master key. It decrypts the collect artifact, encrypts the outputs, and
             (through `derive("pseudonym")`) keys the identifier pseudonyms.
-        input_version: the collect version to read; default the newest complete one.
+        input_version: the collect version to read; default the one of the config's chain
+            (its `dataset.source` collected with its columns), never merely the newest.
         force: recompute even when an identical clean artifact exists.
 
     Returns:
@@ -231,9 +233,11 @@ def clean(config: Config, store: ArtifactStore, key: MasterKey, *,
         BadInputError: the records are empty or lack a required column (exit 65).
         ConfigError: the config cannot be applied to cleaning (exit 78).
     """
-    source = store.get("collect", input_version)
+    require_key(store, key)  # a root holds one master key: refuse another before any write
+    source = (store.get("collect", input_version) if input_version
+              else chain_input(config, store, "collect", reader="clean")[0])
     config_hash = config.section_hash("dataset", "columns", "clean")
-    fp = fingerprint("clean", input=source.version, config=config_hash)
+    fp = clean_fingerprint(config, source.version)
     reused = find_reusable(store, "clean", fp, force=force)
     if reused is not None:
         log.info("clean: reusing %s (same collect input and config)", reused.version)
@@ -306,14 +310,20 @@ def clean_records(records: pl.DataFrame, config: Config, pseudonym_key: bytes, *
     transform = _RowTransform(config, require_target=True, as_of=as_of,
                               extra=[ts] if ts else [], unit=unit)
     needed = transform.needed_columns() + [c for c in (cc.split_column, *dedupe_key) if c]
+    if unit == ROW_UNIT:
+        # Each row is a person: the unit is the record's 0-based position in the collect
+        # artifact (stable: collect keeps the sources' order). Every unit is distinct, so
+        # dedupe by it and contribution bounding rightly do nothing.
+        records = records.with_row_index(ROW_UNIT).with_columns(pl.col(ROW_UNIT).cast(pl.String))
     raw = _check_columns(records, config, needed, optional=transform.optional_columns())
     source_columns = raw.columns
     raw = raw.with_row_index(ROW).with_columns(pl.col(ROW).cast(pl.UInt64))
 
     # Text forms of the dedupe key (identifiers use their pseudonym instead) and the split.
-    keys = [c if config.columns[c].role == "identifier" else _tmp("key", c) for c in dedupe_key]
+    hashed = {c for c in dedupe_key if c == ROW_UNIT or config.columns[c].role == "identifier"}
+    keys = [c if c in hashed else _tmp("key", c) for c in dedupe_key]
     helpers = [_text(pl.col(c), config.columns[c].case).alias(_tmp("key", c))
-               for c in dedupe_key if config.columns[c].role != "identifier"]
+               for c in dedupe_key if c not in hashed]
     last_checks = []
     if cc.split_column is not None:
         case = config.columns[cc.split_column].case
@@ -614,13 +624,17 @@ class _RowTransform:
                 out.append(pseudonymize(raw[col.name], key=key, column=col.name, case=col.case))
         if self.unit:
             done = {s.name: s for s in out}
-            unit_col = self.config.columns[self.unit]
             series = done.get(self.unit)
             if series is None:
                 series = pseudonymize(raw[self.unit], key=key, column=self.unit,
-                                      case=unit_col.case)
+                                      case=self._unit_case())
             out.append(series.alias(UNIT))
         return out
+
+    def _unit_case(self) -> str:
+        # The generated row unit (ROW_UNIT) is digits: no case to fold.
+        unit = self.config.columns.get(self.unit or "")
+        return unit.case if unit is not None else "none"
 
     def counters(self, prepared: pl.DataFrame, kept: pl.Series) -> dict[str, ColumnCounts]:
         """Flag totals over the rows where `kept` is true."""
@@ -646,7 +660,7 @@ class _RowTransform:
         if self.unit is not None:
             blank = _tmp("blank", self.unit)
             stages[0].append(
-                _text(pl.col(self.unit), self.config.columns[self.unit].case).is_null()
+                _text(pl.col(self.unit), self._unit_case()).is_null()
                 .alias(blank)
             )
             reasons.append((self.unit, pl.when(pl.col(blank))
@@ -905,7 +919,8 @@ def _check_columns(records: pl.DataFrame, config: Config, needed: Iterable[str],
             header = records.columns[0]
             for sep, label in ((";", "';'"), ("\t", "tab"), ("|", "'|'")):
                 if sep in header:
-                    hint = f"the file looks {label}-separated: collect needs comma-separated CSV"
+                    hint = (f"the file looks {label}-separated: set [source] delimiter in the "
+                            "config and collect again")
                     break
         shown = ", ".join(repr(c) for c in lacking[:5]) + (" ..." if len(lacking) > 5 else "")
         raise BadInputError(f"the records lack required column(s) {shown}: {hint}")

@@ -18,7 +18,8 @@ from personanet.artifacts import ArtifactStore, sha256_file
 from personanet.config import Config
 from personanet.crypto import MasterKey
 from personanet.errors import BadInputError
-from personanet.stage import StageResult, find_reusable, fingerprint
+from personanet.lineage import collect_fingerprint
+from personanet.stage import StageResult, find_reusable, require_key
 from personanet.ui import track
 
 log = logging.getLogger("personanet")
@@ -56,16 +57,13 @@ def collect(config: Config, store: ArtifactStore, key: MasterKey, *,
     `dataset.source` (relative to the config file). An identical earlier
     artifact (same source bytes, same columns) is reused unless `force`.
     """
+    require_key(store, key)  # a root holds one master key: refuse another before any write
     base = Path.cwd() if sources else config.base_dir
     paths = tables.resolve_sources(sources or config.dataset.source, base=base)
     files = [SourceFile(path=str(p.resolve()), sha256=sha256_file(p), bytes=p.stat().st_size)
              for p in paths]
     wanted = [name for name in config.columns]
-    fp = fingerprint(
-        "collect",
-        sources=[f.sha256 for f in files],
-        columns={name: config.columns[name].required for name in wanted},
-    )
+    fp = collect_fingerprint(config, [f.sha256 for f in files])
     reusable = find_reusable(store, "collect", fp, force=force)
     if reusable:
         log.info("collect: reusing %s (identical sources and columns)", reusable.version)
@@ -76,7 +74,7 @@ def collect(config: Config, store: ArtifactStore, key: MasterKey, *,
     report = CollectReport(sources=files, key_id=key.key_id)
     frames = []
     for source, path in zip(files, track(paths, "reading sources", len(paths)), strict=True):
-        frame = tables.read_source(path)
+        frame = tables.read_source(path, config.source)
         frame = _conform(frame, config, path, report)
         source.rows = frame.height
         frames.append(frame)
@@ -87,6 +85,11 @@ def collect(config: Config, store: ArtifactStore, key: MasterKey, *,
         )
     report.rows = records.height
     report.columns = records.columns
+    if report.columns_dropped:
+        # Said once, so a forgotten feature (or an email column nobody wanted) is noticed.
+        log.info("collect: %d source column(s) not in the config, not stored: %s (add "
+                 "[columns.NAME] to keep one)", len(report.columns_dropped),
+                 ", ".join(report.columns_dropped))
     with store.lock():
         reusable = find_reusable(store, "collect", fp, force=force)
         if reusable:
@@ -94,8 +97,9 @@ def collect(config: Config, store: ArtifactStore, key: MasterKey, *,
         with store.create(
             "collect", fingerprint=fp,
             inputs=[{"source": [asdict(f) for f in files]}],
-            config={"dataset": config.section("dataset"), "columns": sorted(wanted)},
-            config_hash=config.section_hash("dataset", "columns"),
+            config={"dataset": config.section("dataset"), "columns": sorted(wanted),
+                    "source": config.section("source")},
+            config_hash=config.section_hash("dataset", "columns", "source"),
         ) as writer:
             tables.write_encrypted_parquet(writer.path(RECORDS), records, key)
             writer.add(RECORDS, rows=records.height, encrypted=True, key_id=key.key_id)
@@ -110,13 +114,12 @@ def _conform(frame: Any, config: Config, path: Path, report: CollectReport) -> A
     import polars as pl
 
     present = set(frame.columns)
-    if len(present) != len(frame.columns):
-        raise BadInputError(f"{path}: duplicate column names in the header")
     missing = [n for n, c in config.columns.items() if n not in present and c.required]
     if missing:
         hint = ""
-        if len(frame.columns) == 1 and any(sep in frame.columns[0] for sep in ";\t|"):
-            hint = " (the file looks like it uses another delimiter than ',')"
+        if len(frame.columns) == 1 and any(sep in frame.columns[0] for sep in ";\t| "):
+            hint = (" (the file looks like it uses another delimiter: set [source] delimiter, "
+                    "and has_header = false with column_names if it has no header)")
         raise BadInputError(
             f"{path}: required column(s) {', '.join(missing)} missing from the source{hint}; "
             "fix the export or set required = false in [columns.NAME]"

@@ -23,9 +23,16 @@ from typing import TYPE_CHECKING, Any
 
 from personanet import crypto, tables
 from personanet.artifacts import Artifact, ArtifactStore, sha256_file
-from personanet.config import Config
-from personanet.errors import BadInputError, InternalError, OutputError
-from personanet.stage import StageResult, find_reusable, fingerprint
+from personanet.config import Config, SourceConfig
+from personanet.errors import BadInputError, InternalError, OutputError, UsageError
+from personanet.lineage import chain_input
+from personanet.stage import (
+    StageResult,
+    check_plain_files,
+    find_reusable,
+    fingerprint,
+    require_key,
+)
 from personanet.ui import progress
 
 if TYPE_CHECKING:
@@ -50,6 +57,8 @@ class PredictReport:
     input: str = ""
     device: str = "cpu"
     batches: int = 0
+    #: columns of the input file that the config does not name: not read, not scored
+    columns_dropped: list[str] = field(default_factory=list)
 
 
 def predict(config: Config, store: ArtifactStore, key: crypto.MasterKey, *,
@@ -61,7 +70,11 @@ def predict(config: Config, store: ArtifactStore, key: crypto.MasterKey, *,
 
     `output` also writes the predictions there: encrypted (the same format as
     the artifact) unless `plaintext_output`, since predictions are about people.
+    An encrypted copy under a plaintext-looking name (`preds.csv`) is refused
+    (UsageError, exit 2) before any work: nothing could read it as a CSV.
     """
+    check_output_name(output, plaintext_output=plaintext_output)
+    require_key(store, key)  # a root holds one master key: refuse another before any write
     # One writer per artifact root for the whole stage: a second identical command waits
     # (then reuses the first one's artifact) instead of redoing the work, which for
     # train would charge the privacy budget twice.
@@ -78,12 +91,13 @@ def _predict_locked(config: Config, store: ArtifactStore, key: crypto.MasterKey,
                     force: bool = False) -> StageResult:
     """The stage itself, under the root's lock."""
     if plaintext_output and output is None:
-        from personanet.errors import UsageError
-
         raise UsageError("--plaintext-output needs --output PATH")
-    model_artifact = store.get("train", model_version)
+    # Without --model: the current config's chain's model, never merely the newest; its
+    # plaintext files are checked against the sealed manifest before any is used.
+    model_artifact, warnings = ((store.get("train", model_version), []) if model_version
+                                else chain_input(config, store, "train", reader="predict"))
+    check_plain_files(model_artifact)
     privacy = json.loads(model_artifact.file("privacy.json").read_text("utf-8"))
-    warnings = []
     if not privacy.get("private"):
         warnings.append(f"model {model_artifact.version} was trained without differential "
                         "privacy (--no-dp): its predictions carry no privacy guarantee")
@@ -93,8 +107,10 @@ def _predict_locked(config: Config, store: ArtifactStore, key: crypto.MasterKey,
     source_path = None if clean_artifact else _source_path(config, source)
     identity = ({"clean": clean_artifact.version} if clean_artifact
                 else {"sha256": sha256_file(source_path), "bytes": source_path.stat().st_size})
+    # How the input is read ([source]) is part of the identity; the default adds nothing.
+    read = {} if config.source == SourceConfig() else {"read": config.section("source")}
     fp = fingerprint("predict", model=model_artifact.version, input=identity,
-                     config=config.section_hash("columns", "clean"))
+                     config=config.section_hash("columns", "clean"), **read)
     reusable = find_reusable(store, "predict", fp, force=force)
     if reusable:
         log.info("predict: reusing %s", reusable.version)
@@ -171,26 +187,12 @@ def _source_path(config: Config, source: str | None) -> Path:
 
 def _file_batches(path: Path, config: Config, key: crypto.MasterKey, batch_size: int
                   ) -> Iterator[_Batch]:
-    """Stream a CSV/Parquet/NDJSON file in batches of text columns (flat memory)."""
-    import polars as pl
-
-    fmt = tables.source_format(path)
-    if path.stat().st_size == 0:
-        raise BadInputError(f"{path}: the file is empty")
-    if fmt == "csv":
-        lazy = pl.scan_csv(path, infer_schema=False)
-    elif fmt == "parquet":
-        lazy = pl.scan_parquet(path)
-    else:
-        lazy = pl.scan_ndjson(path, infer_schema_length=None)
+    """Stream a file in batches of text columns, read with the config's [source] options
+    exactly as collect reads its sources."""
     offset = 0
-    try:
-        for frame in lazy.collect_batches(chunk_size=batch_size):
-            yield _Batch(frame.with_columns(pl.all().cast(pl.String)), offset, prepared=False)
-            offset += frame.height
-    except pl.exceptions.PolarsError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise BadInputError(f"{path}: cannot read as {fmt}: {first}") from exc
+    for frame in tables.source_batches(path, config.source, batch_size=batch_size):
+        yield _Batch(frame, offset, prepared=False)
+        offset += frame.height
     if offset == 0:
         raise BadInputError(f"{path}: no records to score (only a header?)")
 
@@ -223,6 +225,8 @@ def _score(batches: Iterator[_Batch], model: Any, encoder: Any, config: Config,
         for batch in batches:
             report.batches += 1
             report.rows_in += batch.frame.height
+            if batch.offset == 0 and not batch.prepared:
+                _note_dropped_columns(batch.frame.columns, config, report)
             if batch.prepared:
                 frame = batch.frame
                 rows = pl.Series("row", range(batch.offset, batch.offset + frame.height),
@@ -234,8 +238,10 @@ def _score(batches: Iterator[_Batch], model: Any, encoder: Any, config: Config,
                 frame, rows = prepared.frame, prepared.rows + batch.offset
                 rejects = prepared.quarantine.with_columns(pl.col("row") + batch.offset)
             scored = predict_frame(model, encoder, frame, batch_size=len(frame) or 1)
-            out = frame.select([c for c in identifiers if c in frame.columns])
-            out = out.insert_column(0, rows.alias("row"))
+            # Built from the row numbers: with no identifier (privacy_unit = "@row") an
+            # empty selection would have no rows to add columns to.
+            out = pl.DataFrame([rows.alias("row")]).hstack(
+                frame.select([c for c in identifiers if c in frame.columns]))
             if encoder.task == "regression":
                 out = out.with_columns(pl.Series("prediction", scored))
             else:
@@ -257,15 +263,49 @@ def _score(batches: Iterator[_Batch], model: Any, encoder: Any, config: Config,
                             f"scored, {report.rows_rejected} rejected")
 
 
+def _note_dropped_columns(columns: list[str], config: Config, report: PredictReport) -> None:
+    """Say once which input columns the config does not name (they are never read)."""
+    report.columns_dropped = [c for c in columns if c not in config.columns]
+    if report.columns_dropped:
+        log.info("predict: %d input column(s) not in the config, not read: %s",
+                 len(report.columns_dropped), ", ".join(report.columns_dropped))
+
+
 # ----------------------------------------------------------------------- export
+
+#: file name endings that promise plaintext: an encrypted copy must not wear one
+PLAINTEXT_SUFFIXES = (".csv", ".tsv", ".txt", ".json", ".jsonl", ".ndjson", ".parquet", ".pq",
+                      ".gz", ".zip", ".xls", ".xlsx")
+
+
+def check_output_name(output: Path | None, *, plaintext_output: bool) -> None:
+    """Refuse `--output preds.csv` without `--plaintext-output` (UsageError, exit 2).
+
+    The copy would be ciphertext under a name every tool opens as a table; silently
+    appending `.enc` would leave a script looking for a file that is not there.
+    """
+    if output is None or plaintext_output:
+        return
+    name = Path(output).name.lower()
+    suffix = next((s for s in PLAINTEXT_SUFFIXES if name.endswith(s)), None)
+    if suffix is not None:
+        raise UsageError(
+            f"--output {output} ends in {suffix} but would hold encrypted bytes: add "
+            "--plaintext-output for a plaintext table, or name it "
+            f"{Path(output).name}.enc for an encrypted copy (`personanet artifacts export "
+            "VERSION predictions.csv.enc` decrypts the artifact's own later)"
+        )
 
 
 def _export(encrypted: Path, output: Path, key: crypto.MasterKey, *, plaintext: bool) -> None:
-    """Copy the predictions to `output`: ciphertext, or plaintext CSV only when asked."""
+    """Copy the predictions to `output`: ciphertext, or plaintext only when asked (Parquet
+    for a .parquet/.pq name, else CSV)."""
     output = Path(output)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        if plaintext:
+        if plaintext and output.suffix.lower() in (".parquet", ".pq"):
+            _write_plaintext_parquet(crypto.read_encrypted_file(encrypted, key), output)
+        elif plaintext:
             crypto.decrypt_file_to(encrypted, output, key)
         else:
             tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
@@ -274,6 +314,23 @@ def _export(encrypted: Path, output: Path, key: crypto.MasterKey, *, plaintext: 
     except OSError as exc:
         raise OutputError(f"cannot write {output}: {exc.strerror}") from exc
     log.info("predict: wrote %s copy to %s", "plaintext" if plaintext else "encrypted", output)
+
+
+def _write_plaintext_parquet(csv_bytes: bytes, output: Path) -> None:
+    """The predictions as Parquet under the name that promises it: 0600, temp + rename."""
+    from personanet.export import read_table_bytes
+
+    frame = read_table_bytes(csv_bytes, PREDICTIONS)
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with open(fd, "wb") as fh:
+            frame.write_parquet(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_predictions(artifact: Artifact, key: crypto.MasterKey, name: str = PREDICTIONS
