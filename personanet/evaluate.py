@@ -22,13 +22,16 @@ from personanet.artifacts import Artifact, ArtifactStore
 from personanet.config import Config
 from personanet.crypto import MasterKey
 from personanet.errors import GateFailedError
-from personanet.stage import StageResult, find_reusable, fingerprint
+from personanet.lineage import chain_input
+from personanet.stage import (
+    StageResult,
+    check_plain_files,
+    find_reusable,
+    fingerprint,
+    require_key,
+)
 
 log = logging.getLogger("personanet")
-
-#: smallest group whose metrics are published: a group of one would reveal whether that
-#: one person was classified correctly, and metrics.json is not encrypted
-MIN_GROUP_SIZE = 20
 
 
 def evaluate(config: Config, store: ArtifactStore, key: MasterKey, *,
@@ -40,6 +43,7 @@ def evaluate(config: Config, store: ArtifactStore, key: MasterKey, *,
     audit always uses the model's own training data as members, since only
     those rows were trained on.
     """
+    require_key(store, key)  # a root holds one master key: refuse another before any write
     # One writer per artifact root for the whole stage: a second identical command waits
     # (then reuses the first one's artifact) instead of redoing the work, which for
     # train would charge the privacy budget twice.
@@ -52,13 +56,19 @@ def _evaluate_locked(config: Config, store: ArtifactStore, key: MasterKey, *,
                      model_version: str | None = None, input_version: str | None = None,
                      force: bool = False) -> StageResult:
     """The stage itself, under the root's lock."""
-    model_artifact = store.get("train", model_version)
+    # Without --model: the model the current config's chain made (what `run` would score),
+    # never the newest, which may be another config's. Its plaintext files (weights,
+    # encoder, privacy claim) are checked against the sealed manifest before any is used.
+    model_artifact = (store.get("train", model_version) if model_version
+                      else chain_input(config, store, "train", reader="evaluate")[0])
+    check_plain_files(model_artifact)
     trained_on = _trained_on(model_artifact)
     clean_artifact = store.get("clean", input_version or trained_on)
     member_artifact = store.get("clean", trained_on)
     sensitive = [c.name for c in config.columns.values() if c.sensitive]
     fp = fingerprint("evaluate", model=model_artifact.version, input=clean_artifact.version,
-                     config=config.section_hash("evaluate"), sensitive=sensitive)
+                     config=config.section_hash("evaluate"), sensitive=sensitive,
+                     groups=_group_definitions(config, sensitive))
     reusable = find_reusable(store, "evaluate", fp, force=force)
     if reusable:
         log.info("evaluate: reusing %s", reusable.version)
@@ -101,6 +111,7 @@ def compute_metrics(config: Config, key: MasterKey, model_artifact: Artifact,
                     sensitive: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """metrics.json's content, and the curves the plots are drawn from."""
     from personanet import audit as mia
+    from personanet import groups as fairness
     from personanet import metrics as m
     from personanet import report
     from personanet.model import load_model, predict_frame
@@ -120,18 +131,30 @@ def compute_metrics(config: Config, key: MasterKey, model_artifact: Artifact,
     scored = predict_frame(model, encoder, test, batch_size=batch)
     labelled = target >= 0 if encoder.task != "regression" else ~np.isnan(target)
     y, out = target[labelled], scored[labelled]
+    if len(y) == 0:
+        from personanet.errors import BadInputError
+
+        raise BadInputError(
+            f"clean artifact {clean_artifact.version} has no labelled test rows to evaluate on: "
+            "check clean.split_column / clean.test_fraction (the test split is empty)")
     test_labelled = test.filter(labelled.tolist()) if not labelled.all() else test
-    groups_input = {name: np.asarray(test_labelled[name].cast(str).fill_null("(missing)")
-                                     .to_list(), dtype=object)
-                    for name in sensitive if name in test_labelled.columns}
+    absent = [n for n in sensitive if n not in test_labelled.columns]
+    if absent:
+        # clean keeps identifiers, features and the target only: an "ignore" column is gone
+        log.warning("evaluate: sensitive column(s) %s are not in the clean artifact (role = "
+                    "\"ignore\"?): no groups are reported for them", ", ".join(absent))
+    groupings = fairness.groupings(config, [n for n in sensitive if n not in absent])
+    groups_input = {name: g.assign(test_labelled[name]) for name, g in groupings.items()}
+    group_order = {name: g.labels for name, g in groupings.items()}
+    min_group_size = ev.min_group_size
     curves: dict[str, Any] = {}
     if encoder.task == "regression":
         y_units = encoder.unscale_target(y)
         overall = m.regression_metrics(y_units, out)
         intervals = m.bootstrap_cis(m.regression_metrics, y_units, out,
                                     n_resamples=ev.bootstrap, seed=ev.seed)
-        groups = m.group_regression_metrics(groups_input, y_units, out,
-                                            min_group_size=MIN_GROUP_SIZE)
+        groups = m.group_regression_metrics(groups_input, y_units, out, order=group_order,
+                                            min_group_size=min_group_size)
         task = "regression"
     else:
         classes = encoder.target_classes
@@ -139,11 +162,14 @@ def compute_metrics(config: Config, key: MasterKey, model_artifact: Artifact,
         overall = m.classification_metrics(y, out, classes=classes)
         intervals = m.bootstrap_cis(lambda a, b: m.classification_metrics(a, b, classes=classes),
                                     y, out, n_resamples=ev.bootstrap, seed=ev.seed)
-        groups = m.group_metrics(groups_input, y, out, classes, min_group_size=MIN_GROUP_SIZE)
+        groups = m.group_metrics(groups_input, y, out, classes, order=group_order,
+                                 min_group_size=min_group_size)
         if len(classes) == 2:
             curves["roc"] = m.roc_curve(y == 1, out[:, 1])[:2]
         curves["calibration"] = m.calibration_curve(y, out)
         task = "classification"
+    for name, g in groupings.items():
+        groups[name]["grouping"] = g.to_json()
     curves["groups"] = groups or None
 
     audit_json = None
@@ -188,6 +214,13 @@ def compute_metrics(config: Config, key: MasterKey, model_artifact: Artifact,
         "gates": gates,
     }
     return metrics, curves
+
+
+def _group_definitions(config: Config, sensitive: list[str]) -> dict[str, Any]:
+    """How each sensitive column is grouped (its bins' edges): other edges, another evaluation."""
+    from personanet.groups import groupings
+
+    return {name: g.to_json() for name, g in groupings(config, sensitive).items()}
 
 
 def _per_example_loss(model: Any, encoder: Any, frame: Any, batch_size: int

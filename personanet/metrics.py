@@ -22,14 +22,15 @@ Why per group: a model can be accurate on average and wrong for a minority.
 `group_metrics` reports every metric for each value of each sensitive column
 and the largest gap between groups, which is what a fairness gate reads.
 Small groups are themselves a privacy hazard (the accuracy of a group of one
-says whether that person was classified correctly), so evaluate should pass a
-`min_group_size` that suppresses them.
+says whether that person was classified correctly), so evaluate passes a
+`min_group_size` (config `evaluate.min_group_size`) that suppresses them: a
+suppressed group publishes neither its metrics nor its size.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -298,16 +299,27 @@ def _percentile_interval(values: list[Any], n_resamples: int, level: float
 
 
 def group_metrics(groups: Mapping[str, ArrayLike], y_true: ArrayLike, proba: ArrayLike,
-                  classes: list[str], *, min_group_size: int = 1) -> dict[str, Any]:
+                  classes: list[str], *, min_group_size: int = 1,
+                  order: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
     """`classification_metrics` for each value of each sensitive column, and the largest gaps.
 
-    Returns ``{column: {"groups": {value: {...}}, "gaps": {metric: gap}}}``.
+    Returns ``{column: {"min_group_size": k, "groups": {value: {...}}, "gaps": {metric: gap}}}``.
+    ``groups`` maps each sensitive column to one group label per example.
     A group with fewer than ``min_group_size`` examples is reported as
-    ``{"n": n, "suppressed": True}`` and takes no part in the gaps. A gap is
-    ``{"gap", "max_group", "max", "min_group", "min"}`` over the groups where
-    the metric is defined, or None with fewer than two such groups; gaps are
-    reported for accuracy, balanced accuracy, F1, recall (equal opportunity),
-    positive rate (demographic parity), ROC AUC and ECE.
+    ``{"suppressed": True}``, without its size (a count of one or two people
+    is itself a fact about them), and takes no part in the gaps. When the
+    suppressed groups of a column hold fewer than ``min_group_size`` people
+    together, the smallest reported groups are suppressed too, so that their
+    total (n minus the reported sizes) does not give a small group away. A gap is
+    ``{"gap", "max_group", "max", "min_group", "min"}`` between two different
+    groups where the metric is defined, or None with fewer than two such
+    groups (one group has no gap, which is not a gap of 0); gaps are reported
+    for accuracy, balanced accuracy, F1, recall (equal opportunity), positive
+    rate (demographic parity), ROC AUC and ECE.
+
+    ``order`` lists a column's groups as they should read (bins in ascending
+    order, public categories); listed groups appear even when empty (then
+    suppressed), other labels seen follow sorted. Without it, labels are sorted.
 
     A large gap means the model serves one group worse than another; read it
     next to the group sizes, since a small group's metrics are noisy.
@@ -317,11 +329,13 @@ def group_metrics(groups: Mapping[str, ArrayLike], y_true: ArrayLike, proba: Arr
     def metrics_of(rows: NDArray[np.bool_]) -> dict[str, Any]:
         return classification_metrics(y[rows], p[rows], classes=classes)
 
-    return _per_group(groups, len(y), metrics_of, CLASSIFICATION_GAP_METRICS, min_group_size)
+    return _per_group(groups, len(y), metrics_of, CLASSIFICATION_GAP_METRICS, min_group_size,
+                      order or {})
 
 
 def group_regression_metrics(groups: Mapping[str, ArrayLike], y_true: ArrayLike,
-                             y_pred: ArrayLike, *, min_group_size: int = 1) -> dict[str, Any]:
+                             y_pred: ArrayLike, *, min_group_size: int = 1,
+                             order: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
     """`group_metrics` for a regression target: MAE, RMSE and R2 per group, and their gaps."""
     t = np.asarray(y_true, dtype=np.float64).ravel()
     q = np.asarray(y_pred, dtype=np.float64).ravel()
@@ -329,12 +343,14 @@ def group_regression_metrics(groups: Mapping[str, ArrayLike], y_true: ArrayLike,
     def metrics_of(rows: NDArray[np.bool_]) -> dict[str, Any]:
         return regression_metrics(t[rows], q[rows])
 
-    return _per_group(groups, len(t), metrics_of, REGRESSION_GAP_METRICS, min_group_size)
+    return _per_group(groups, len(t), metrics_of, REGRESSION_GAP_METRICS, min_group_size,
+                      order or {})
 
 
 def _per_group(groups: Mapping[str, ArrayLike], n: int,
                metrics_of: Callable[[NDArray[np.bool_]], dict[str, Any]],
-               gap_metrics: tuple[str, ...], min_group_size: int) -> dict[str, Any]:
+               gap_metrics: tuple[str, ...], min_group_size: int,
+               order: Mapping[str, Sequence[str]]) -> dict[str, Any]:
     if min_group_size < 1:
         raise ValueError("min_group_size must be at least 1")
     report: dict[str, Any] = {}
@@ -342,17 +358,40 @@ def _per_group(groups: Mapping[str, ArrayLike], n: int,
         values = _group_labels(raw)
         if len(values) != n:
             raise ValueError(f"sensitive column {column!r} has {len(values)} values, expected {n}")
+        present, counts = np.unique(values, return_counts=True)
+        counted = {str(v): int(c) for v, c in zip(present, counts, strict=True)}
+        listed = [str(label) for label in order.get(column, ())]
+        labels = list(dict.fromkeys([*listed, *sorted(set(counted) - set(listed))]))
+        sizes = {value: counted.get(value, 0) for value in labels}
+        suppressed = _suppressed_groups(sizes, min_group_size)
         per_value: dict[str, dict[str, Any]] = {}
-        for value in sorted(set(values.tolist())):
-            rows = values == value
-            size = int(rows.sum())
-            if size < min_group_size:
-                per_value[value] = {"n": size, "suppressed": True}
+        for value in labels:
+            if value in suppressed:
+                per_value[value] = {"suppressed": True}
             else:
-                per_value[value] = metrics_of(rows)
-        report[column] = {"groups": per_value,
+                per_value[value] = metrics_of(values == value)
+        report[column] = {"min_group_size": min_group_size, "groups": per_value,
                           "gaps": {m: _gap(per_value, m) for m in gap_metrics}}
     return report
+
+
+def _suppressed_groups(sizes: Mapping[str, int], min_group_size: int) -> set[str]:
+    """The groups too small to publish, and enough others that their total is not small either.
+
+    The test set's size is published, so the people in a column's suppressed groups together
+    number n minus the reported sizes: with one small group suppressed, that is its size.
+    While that total is below ``min_group_size`` (and above 0), the smallest reported group is
+    suppressed too (complementary suppression, as statistical offices do for tables).
+    """
+    suppressed = {g for g, size in sizes.items() if size < min_group_size}
+    hidden = sum(sizes[g] for g in suppressed)
+    reported = sorted((g for g in sizes if g not in suppressed), key=lambda g: sizes[g])
+    for group in reported:
+        if not 0 < hidden < min_group_size:
+            break
+        suppressed.add(group)
+        hidden += sizes[group]
+    return suppressed
 
 
 def _group_labels(raw: ArrayLike) -> NDArray[np.str_]:
@@ -369,8 +408,10 @@ def _gap(per_value: dict[str, dict[str, Any]], metric: str) -> dict[str, Any] | 
                if not m.get("suppressed") and _is_number(m.get(metric))}
     if len(defined) < 2:
         return None
-    high = max(defined, key=lambda g: defined[g])
-    low = min(defined, key=lambda g: defined[g])
+    # The two ends of one ordering: with tied values, max() and min() would both pick the
+    # first group and report a group against itself.
+    ranked = sorted(defined, key=lambda g: defined[g])
+    low, high = ranked[0], ranked[-1]
     return {"gap": float(defined[high] - defined[low]), "max_group": high,
             "max": float(defined[high]), "min_group": low, "min": float(defined[low])}
 

@@ -25,11 +25,13 @@ metrics.json::
       },
       "groups": {                    # metrics.group_metrics, one entry per sensitive column
         "sex": {
+          "min_group_size": 20,      # evaluate.min_group_size: smaller groups are suppressed
+          "grouping": {"by": "value"},   # or {"by": "bins", "edges": [...], "labels": [...]}
           "groups": {"Female": {"n": 5421, "accuracy": ..., ...},
-                     "Other": {"n": 3, "suppressed": true}},
+                     "Other": {"suppressed": true}},      # no size: it is below 20
           "gaps": {"accuracy": {"gap": 0.07, "max_group": "Female", "max": 0.91,
                                 "min_group": "Male", "min": 0.84}, "f1": None, ...}
-        }
+        }                            # a gap is None with fewer than two reported groups
       },
       "audit": {...} | None,         # audit.AuditResult.to_json(); None when the audit is off
       "gates": [                     # build_gates(); evaluate exits 69 if any passed == false
@@ -75,6 +77,13 @@ GROUP_COLUMNS = {"classification": (("accuracy", "Accuracy"), ("balanced_accurac
 #: the metric each group gap gate and the groups plot use, by task
 GROUP_GATE_METRIC = {"classification": "accuracy", "regression": "mae"}
 PLOT_DPI = 110
+#: the groups plot is this wide (inches) whatever the number of groups; groups stack downwards
+GROUPS_PLOT_WIDTH = 7.0
+#: most bars in one panel of the groups plot: past it, the lowest and highest half each are
+#: drawn (the groups served worst and best), and the title says how many are left to metrics.json
+MAX_PLOT_BARS = 24
+#: a group label longer than this is cut in the plot (report.md and metrics.json keep it whole)
+PLOT_LABEL_CHARS = 28
 
 
 # --- gates ------------------------------------------------------------------------------------
@@ -222,19 +231,26 @@ def _markdown_groups(groups: Mapping[str, Any], task: str) -> list[str]:
     if not groups:
         return [*lines, "No sensitive columns are configured.", ""]
     columns = GROUP_COLUMNS.get(task, GROUP_COLUMNS["classification"])
-    lines += ["Every metric per value of each sensitive column. Suppressed groups are too small "
-              "to report without describing individual people.", ""]
+    lines += ["Every metric per group of each sensitive column. Suppressed groups are too small "
+              "to report without describing individual people: neither their metrics nor their "
+              "size are published (and where they hold few people together, the smallest "
+              "reported group is suppressed too, so their total gives none away).", ""]
     for column, entry in groups.items():
-        lines += [f"### `{column}`", "",
-                  "| Group | n | " + " | ".join(label for _, label in columns) + " |",
+        lines += [f"### `{column}`", ""]
+        grouping = entry.get("grouping") or {}
+        if grouping.get("by") == "bins":
+            lines += [f"Groups are bins of the public bounds, edges "
+                      f"{', '.join(_cell(e) for e in grouping.get('edges') or [])}.", ""]
+        lines += ["| Group | n | " + " | ".join(label for _, label in columns) + " |",
                   "|---|---:|" + "---:|" * len(columns)]
         for value, figures in (entry.get("groups") or {}).items():
             if figures.get("suppressed"):
+                size = _suppressed_size(entry)
                 cells = ["suppressed"] + [""] * (len(columns) - 1)
             else:
+                size = str(figures.get("n", "?"))
                 cells = [_fmt(figures.get(key)) for key, _ in columns]
-            lines.append(f"| {_cell(value)} | {figures.get('n', '?')} | " + " | ".join(cells)
-                         + " |")
+            lines.append(f"| {_cell(value)} | {size} | " + " | ".join(cells) + " |")
         gaps = [(key, label, (entry.get("gaps") or {}).get(key)) for key, label in columns]
         shown = [(label, gap) for _, label, gap in gaps if gap]
         lines.append("")
@@ -426,24 +442,53 @@ def _calibration_figure(confidence: ArrayLike, accuracy: ArrayLike, count: Array
 
 
 def _groups_figure(groups: Mapping[str, Any], metric: str) -> Figure:
-    columns = list(groups)
-    figure = _figure(max(5.0, 1.2 * _max_groups(groups) + 2), 2.8 * len(columns) + 0.6)
-    axes = np.atleast_1d(figure.subplots(len(columns), 1, squeeze=False)[:, 0])
-    for ax, column in zip(axes, columns, strict=True):
-        entries = (groups[column].get("groups") or {}).items()
-        names, values = [], []
-        for value, figures in entries:
-            shown = figures.get(metric)
-            names.append(f"{value}\nn={figures.get('n', '?')}"
-                         + ("\nsuppressed" if figures.get("suppressed") else ""))
-            values.append(float(shown) if _number(shown) else 0.0)
-        bars = ax.bar(range(len(values)), values, color="C0")
-        ax.bar_label(bars, labels=[_fmt(v) if v else "" for v in values], fontsize=8)
-        ax.set_xticks(range(len(values)), names, fontsize=8)
-        ax.set(ylabel=metric, title=f"{metric} by {column}")
+    """One panel per sensitive column, one horizontal bar per reported group.
+
+    The width is fixed and the bars stack downwards, at most `MAX_PLOT_BARS`
+    per panel, so 40 categories or 30 bins stay legible; suppressed groups
+    share one line that gives neither their metrics nor their sizes.
+    """
+    panels = [_groups_panel(column, entry, metric) for column, entry in groups.items()]
+    heights = [0.9 + 0.3 * max(1, len(rows)) for _, rows, _ in panels]
+    figure = _figure(GROUPS_PLOT_WIDTH, sum(heights) + 0.2)
+    axes = figure.subplots(len(panels), 1, squeeze=False, height_ratios=heights)[:, 0]
+    for ax, (title, rows, values) in zip(axes, panels, strict=True):
+        positions = range(len(rows))
+        bars = ax.barh(positions, [v if v is not None else 0.0 for v in values], color="C0")
+        ax.bar_label(bars, labels=[_fmt(v) if v is not None else "" for v in values],
+                     fontsize=8, padding=2)
+        ax.set_yticks(positions, rows, fontsize=8)
+        ax.invert_yaxis()
+        ax.set(xlabel=metric, title=title)
+        defined = [v for v in values if v is not None]
         if metric in ("accuracy", "balanced_accuracy", "f1", "recall"):
-            ax.set_ylim(0, 1)
+            ax.set_xlim(0, 1.12)  # room for the value labels
+        elif defined:
+            ax.set_xlim(0, max(defined) * 1.15 or 1.0)
     return figure
+
+
+def _groups_panel(column: str, entry: Mapping[str, Any], metric: str
+                  ) -> tuple[str, list[str], list[float | None]]:
+    """(title, row labels, values) of one column's panel in the groups plot."""
+    reported = [(label, figures) for label, figures in (entry.get("groups") or {}).items()
+                if not figures.get("suppressed")]
+    suppressed = len(entry.get("groups") or {}) - len(reported)
+    title = f"{metric} by {column}"
+    if len(reported) > MAX_PLOT_BARS:
+        ranked = sorted(reported, key=lambda item: (not _number(item[1].get(metric)),
+                                                    item[1].get(metric) or 0.0))
+        half = MAX_PLOT_BARS // 2
+        title += f" ({len(reported) - 2 * half} middle groups in metrics.json)"
+        reported = ranked[:half] + ranked[-half:]
+    rows = [f"{_short(label)} (n={figures.get('n', '?')})" for label, figures in reported]
+    values = [float(figures[metric]) if _number(figures.get(metric)) else None
+              for _, figures in reported]
+    if suppressed:
+        rows.append(f"{suppressed} group{'s' if suppressed > 1 else ''} suppressed "
+                    f"(n {_suppressed_size(entry)})")
+        values.append(None)
+    return title, rows, values
 
 
 def _attack_roc_figure(fpr: ArrayLike, tpr: ArrayLike) -> Figure:
@@ -513,5 +558,16 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _max_groups(groups: Mapping[str, Any]) -> int:
-    return max((len(entry.get("groups") or {}) for entry in groups.values()), default=1)
+def _suppressed_size(entry: Mapping[str, Any]) -> str:
+    """What is said of a suppressed group's size: below the threshold, never the count."""
+    threshold = entry.get("min_group_size")
+    return f"< {threshold}" if _number(threshold) else "suppressed"
+
+
+def _short(label: Any) -> str:
+    text = str(label).replace("\n", " ")
+    if len(text) <= PLOT_LABEL_CHARS:
+        return text
+    # Keep both ends: long names often differ only at the end ("... region 12").
+    head = (PLOT_LABEL_CHARS - 1) // 2
+    return text[:head] + "…" + text[-(PLOT_LABEL_CHARS - 1 - head):]
