@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -42,7 +42,7 @@ HEADLINES = {
 }
 #: options accepted before or after the command name (hoisted before parsing)
 GLOBAL_FLAGS = ("--json", "--quiet", "-q", "--debug")
-GLOBAL_VALUED = ("--config", "--artifacts", "--log-format", "--lock-timeout")
+GLOBAL_VALUED = ("--config", "--artifacts", "--log-format", "--lock-timeout", "--set")
 
 app = typer.Typer(
     name="personanet",
@@ -52,7 +52,7 @@ app = typer.Typer(
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-artifacts_app = typer.Typer(help="List, inspect, verify and garbage-collect artifacts.",
+artifacts_app = typer.Typer(help="List, inspect, export, verify and garbage-collect artifacts.",
                             no_args_is_help=True)
 keys_app = typer.Typer(help="Create and rotate master keys.", no_args_is_help=True)
 budget_app = typer.Typer(help="The per-dataset privacy budget ledger.", no_args_is_help=True)
@@ -71,6 +71,7 @@ class Options:
     log_format: str = "text"
     lock_timeout: float = 60.0
     command: str = ""
+    overrides: list[str] = field(default_factory=list)
 
 
 _options = Options()
@@ -122,7 +123,10 @@ def _setup_logging(opts: Options) -> None:
     warnings_log = logging.getLogger("py.warnings")
     warnings_log.handlers[:] = [handler]
     warnings_log.propagate = False
-    log.setLevel(logging.DEBUG if opts.debug else logging.ERROR if opts.quiet else logging.INFO)
+    level = logging.DEBUG if opts.debug else logging.ERROR if opts.quiet else logging.INFO
+    log.setLevel(level)
+    # --quiet means errors only: library warnings (Opacus' RuntimeWarnings) included.
+    warnings_log.setLevel(level)
 
 
 def hoist_global_options(argv: list[str]) -> list[str]:
@@ -182,7 +186,9 @@ def run_cli(argv: list[str]) -> int:
             sys.stderr.write(exc.format_message() + "\n")
             return 2
         # Usage errors from the parser: one line, exit 2.
-        _print_error(UsageError(f"{exc.format_message()} (see `personanet --help`)"), 2)
+        hint = _config_key_hint(getattr(exc, "option_name", None) or "")
+        _print_error(UsageError(f"{exc.format_message()} ({hint or 'see `personanet --help`'})"),
+                     2)
         return 2
     except PersonaNetError as exc:
         if _options.debug:
@@ -204,6 +210,25 @@ def run_cli(argv: list[str]) -> int:
     return result if isinstance(result, int) else 0
 
 
+def _config_key_hint(option: str) -> str:
+    """`train --epsilon 3` is a config key used as an option: point at `--set`."""
+    import dataclasses
+
+    from personanet import config as schema
+
+    name = option.lstrip("-").replace("-", "_")
+    if not name:
+        return ""
+    sections = {"dataset": schema.DatasetConfig, "clean": schema.CleanConfig,
+                "train": schema.TrainConfig, "budget": schema.BudgetConfig,
+                "evaluate": schema.EvaluateConfig, "predict": schema.PredictConfig}
+    keys = [f"{section}.{f.name}" for section, cls in sections.items()
+            for f in dataclasses.fields(cls) if f.name == name]
+    if not keys:
+        return ""
+    return "a config key: " + " or ".join(f"--set {k}=VALUE" for k in keys)
+
+
 def main() -> NoReturn:
     sys.exit(run_cli(sys.argv[1:]))
 
@@ -213,7 +238,7 @@ def _config() -> Config:
 
     if _options.config is None:
         raise ConfigError("no config: pass --config PATH or set PERSONANET_CONFIG")
-    return load_config(_options.config)
+    return load_config(_options.config, _options.overrides)
 
 
 def _store(config: Config) -> ArtifactStore:
@@ -315,6 +340,9 @@ def _global(
     lock_timeout: float = typer.Option(60.0, "--lock-timeout", envvar="PERSONANET_LOCK_TIMEOUT",
                                        help="Seconds to wait for the artifact root's lock "
                                             "before exiting 75."),
+    overrides: list[str] = typer.Option(None, "--set", metavar="KEY=VALUE",
+                                        help="Override a config key, typed and checked like "
+                                             "the file (repeatable): --set train.epsilon=3."),
     version: bool = typer.Option(False, "--version", help="Print the version and exit.",
                                  is_eager=True, callback=lambda v: _print_version(v)),
 ) -> None:
@@ -337,6 +365,7 @@ def _global(
     _options.debug = debug
     _options.log_format = log_format
     _options.lock_timeout = lock_timeout
+    _options.overrides = list(overrides or [])
     _options.command = ctx.invoked_subcommand or ""
     _setup_logging(_options)
     from personanet import ui
@@ -433,7 +462,9 @@ def predict(
     clean_version: str = typer.Option(None, "--clean", help="Score a clean artifact's test "
                                       "split instead of a file."),
     model: str = typer.Option(None, "--model", help="train version (default: newest)."),
-    output: Path = typer.Option(None, "--output", help="Also write the predictions here."),
+    output: Path = typer.Option(None, "--output", help="Also write the predictions here: "
+                                "encrypted (a .csv/.parquet/.json name is refused without "
+                                "--plaintext-output)."),
     plaintext_output: bool = typer.Option(False, "--plaintext-output", help="Write --output "
                                           "as plaintext CSV (predictions are about people)."),
     device: str = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
@@ -538,6 +569,50 @@ def artifacts_show(version: str = typer.Argument(..., help="Version id (or a uni
     raise InputMissingError(f"no artifact {version!r} under {_options.artifacts}")
 
 
+@artifacts_app.command("export")
+def artifacts_export(
+    version: str = typer.Argument(..., help="Version id (or a unique prefix)."),
+    file: str = typer.Argument(..., help="Encrypted table of that artifact, e.g. "
+                               "predictions.csv.enc, rejects.csv.enc, quarantine.parquet.enc."),
+    output: str = typer.Option(..., "--output", help="PATH.csv or PATH.parquet (never "
+                               "overwritten), or - for CSV on stdout."),
+    plaintext_output: bool = typer.Option(False, "--plaintext-output", help="Required: the "
+                                          "output is record-level data in plaintext."),
+) -> None:
+    """Decrypt an artifact's table to a plaintext CSV or Parquet file you asked for.
+
+    Example:
+
+        personanet artifacts export 20261125T180250 rejects.csv.enc --output rejects.csv
+        --plaintext-output
+    """
+    from dataclasses import asdict
+
+    from personanet.errors import InputMissingError
+    from personanet.export import STDOUT, check_request, export_table
+
+    check_request(output, plaintext_output=plaintext_output)
+    if output == STDOUT and _options.json:
+        raise UsageError("--output - writes the table to stdout, where --json writes its "
+                         "object: use one or the other")
+    from personanet.stage import require_key
+
+    key = _key()
+    for store in _stores():
+        require_key(store, key)  # binds the key, so the manifest's seal is checked below
+        try:
+            artifact = store.checked(store.find(version))
+        except InputMissingError:
+            continue
+        report = export_table(artifact, file, key, output, plaintext_output=plaintext_output)
+        if _options.json:
+            sys.stdout.write(json.dumps({"stage": "export", **asdict(report)}) + "\n")
+        elif output != STDOUT:
+            sys.stdout.write(f"exported {report.rows} rows of {report.file} to {report.output}\n")
+        return
+    raise InputMissingError(f"no artifact {version!r} under {_options.artifacts}")
+
+
 @artifacts_app.command("verify")
 def artifacts_verify(version: str = typer.Argument(None, help="Only this version.")) -> None:
     """Check every file's sha256 and authenticate every encrypted file end to end.
@@ -558,6 +633,31 @@ def artifacts_verify(version: str = typer.Argument(None, help="Only this version
     else:
         sys.stdout.write(f"ok: {report.artifacts} artifacts, {report.files} files "
                          f"({report.encrypted_files} encrypted) verified\n")
+
+
+@artifacts_app.command("seal")
+def artifacts_seal() -> None:
+    """Adopt manifests written before manifests were sealed, after checking every file.
+
+    Every file is checked against its manifest and every encrypted file authenticated
+    end to end under the current key; only then is the manifest sealed (logged one by
+    one). Already sealed manifests are checked, not re-sealed. Seal a root you trust:
+    a plaintext file forged together with its checksum before adoption cannot be told.
+
+    Example:
+
+        personanet artifacts seal
+    """
+    from dataclasses import asdict
+
+    from personanet.housekeeping import seal
+
+    report = seal(_stores(), _key())
+    if _options.json:
+        sys.stdout.write(json.dumps({"stage": "seal", **asdict(report)}) + "\n")
+    else:
+        sys.stdout.write(f"sealed {len(report.sealed)} manifests under key {report.key_id} "
+                         f"({report.already_sealed} already sealed)\n")
 
 
 @artifacts_app.command("gc")
@@ -654,7 +754,11 @@ def keys_rotate(
 
 @budget_app.command("show")
 def budget_show() -> None:
-    """Print the dataset's privacy budget: spent, reserved, remaining, and every run.
+    """Print the dataset's privacy budget: pinned, spent, reserved, remaining, its changes
+    and every run.
+
+    With a key (PERSONANET_KEY_FILE / PERSONANET_KEY) the ledger's seal is checked (exit 65
+    if it was edited); without one it is shown as read, marked unauthenticated.
 
     Example:
 
@@ -663,14 +767,58 @@ def budget_show() -> None:
     from personanet.privacy import budget_summary, render_budget
 
     config = _config()
-    summary = budget_summary(config, _store(config))
+    summary = budget_summary(config, _store(config), _optional_key())
     if _options.json:
         sys.stdout.write(json.dumps({"stage": "budget", **summary}, default=str) + "\n")
         return
-    from rich.console import Console
+    from personanet.ui import console
 
-    Console(file=sys.stdout, no_color="NO_COLOR" in os.environ or None).print(
-        render_budget(summary))
+    console(stdout=True).print(render_budget(summary))
+
+
+@budget_app.command("set")
+def budget_set(
+    epsilon: float = typer.Option(..., "--epsilon", help="New total epsilon of the dataset."),
+    delta: float = typer.Option(None, "--delta", help="New total delta (default: unchanged)."),
+    reason: str = typer.Option(None, "--reason", help="Why; required to raise the budget, "
+                               "recorded in the ledger."),
+) -> None:
+    """Change the dataset's pinned privacy budget (logged in the ledger).
+
+    The budget is pinned in the ledger at the first training run; a config asking for more
+    is refused (exit 69) until the pin is raised here. Raising needs --reason; lowering is
+    always allowed. Each change is appended to the ledger with its time and key id; the
+    key (PERSONANET_KEY_FILE) is required, so only a key holder can change the budget.
+
+    Example:
+
+        personanet budget set --epsilon 20 --reason "approved by the DPO, ticket 1234"
+    """
+    from personanet.privacy import Ledger
+    from personanet.stage import require_key
+
+    config = _config()
+    store = _store(config)
+    key = _key()
+    require_key(store, key)  # the root's own key, never a second one
+    change = Ledger(store, key).set_budget(
+        epsilon=epsilon, delta=delta, reason=reason, config_epsilon=config.budget.epsilon,
+        config_delta=config.budget.delta)
+    if _options.json:
+        sys.stdout.write(json.dumps({"stage": "budget", "dataset": store.dataset, **change})
+                         + "\n")
+        return
+    sys.stdout.write(f"budget of {store.dataset} {change['action']}: epsilon "
+                     f"{change['epsilon']:g}, delta {change['delta']:g}\n")
+
+
+def _optional_key() -> MasterKey | None:
+    """The master key when one is configured (its errors are real errors), else None."""
+    if not (os.environ.get("PERSONANET_KEY_FILE") or os.environ.get("PERSONANET_KEY")):
+        log.warning("no key loaded (PERSONANET_KEY_FILE): the budget ledger is shown "
+                    "without checking its seal")
+        return None
+    return _key()
 
 
 if os.environ.get("PERSONANET_DEBUG_IMPORTS"):  # pragma: no cover - diagnostics only
