@@ -143,11 +143,11 @@ def personanet(csv: Path, root: Path) -> dict[str, float]:
     sys.path.insert(0, str(ROOT))
     import polars  # noqa: F401  (imported before the clock starts, as in `bare`)
 
-    from personanet.artifacts import ArtifactStore
-    from personanet.clean import clean
-    from personanet.collect import collect
     from personanet.config import load_config
-    from personanet.crypto import MasterKey
+    from personanet.stages.clean import clean
+    from personanet.stages.collect import collect
+    from personanet.store.artifacts import ArtifactStore
+    from personanet.store.crypto import MasterKey
 
     config = load_config(CONFIG)
     store = ArtifactStore(root, config.dataset.name)

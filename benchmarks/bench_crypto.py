@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import cryptography
 
-    from personanet.crypto import (
+    from personanet.store.crypto import (
         DEFAULT_CHUNK_SIZE,
         HEADER_SIZE,
         MasterKey,

@@ -38,12 +38,12 @@ CONFIG = ROOT / "configs" / "persona.toml"
 
 
 def train_model(root: Path, key_b64: str) -> None:
-    from personanet.artifacts import ArtifactStore
-    from personanet.clean import clean
-    from personanet.collect import collect
     from personanet.config import load_config
-    from personanet.crypto import MasterKey
-    from personanet.train import train
+    from personanet.stages.clean import clean
+    from personanet.stages.collect import collect
+    from personanet.stages.train import train
+    from personanet.store.artifacts import ArtifactStore
+    from personanet.store.crypto import MasterKey
 
     config = load_config(CONFIG)
     store = ArtifactStore(root, config.dataset.name)
@@ -63,10 +63,10 @@ def child(args: argparse.Namespace) -> int:
                 chunk_size=8192):
             rows += batch.height
     else:
-        from personanet.artifacts import ArtifactStore
         from personanet.config import load_config
-        from personanet.crypto import MasterKey
-        from personanet.predict import predict
+        from personanet.stages.predict import predict
+        from personanet.store.artifacts import ArtifactStore
+        from personanet.store.crypto import MasterKey
 
         config = load_config(CONFIG)
         store = ArtifactStore(args.root, config.dataset.name)
@@ -100,7 +100,7 @@ def main() -> int:
     if args.phase:
         return child(args)
 
-    from personanet.crypto import MasterKey
+    from personanet.store.crypto import MasterKey
 
     work = Path(tempfile.mkdtemp(prefix="bench-predict-", dir=args.dir))
     try:

@@ -8,7 +8,7 @@ training split, the full training split (32,561), and scikit-learn's breast canc
 set (569 people, 30 numeric features, shipped inside the wheel), it trains at
 epsilon 1, delta 1e-5 with:
 
-- ``auto``: the new defaults (`personanet.defaults`: batch, epochs, learning rate,
+- ``auto``: the new defaults (`personanet.training.defaults`: batch, epochs, learning rate,
   network and numeric bins chosen from the rows and epsilon);
 - ``fixed``: the old fixed defaults (batch 1024, 10 epochs, Adam 1e-2, 2x64 tanh,
   16 numeric bins);
@@ -133,7 +133,7 @@ class Source:
         raise NotImplementedError
 
     def _write_clean(self, train_frame: Any, test_frame: Any, tag: str) -> str:
-        from personanet import tables
+        from personanet.store import tables
 
         with self.store.create("clean", fingerprint=f"bench-{tag}", inputs=[], config={},
                                config_hash=tag) as writer:
@@ -148,12 +148,12 @@ class Adult(Source):
     """The bundled sample, collected and cleaned once with configs/persona.toml."""
 
     def __init__(self, tmp: Path) -> None:
-        from personanet import tables
-        from personanet.artifacts import ArtifactStore
-        from personanet.clean import clean
-        from personanet.collect import collect
         from personanet.config import load_config
-        from personanet.crypto import MasterKey
+        from personanet.stages.clean import clean
+        from personanet.stages.collect import collect
+        from personanet.store import tables
+        from personanet.store.artifacts import ArtifactStore
+        from personanet.store.crypto import MasterKey
 
         config = load_config(ROOT / "configs" / "persona.toml")
         self.config = dataclasses.replace(config, budget=dataclasses.replace(
@@ -191,10 +191,10 @@ class BreastCancer(Source):
         import polars as pl
         from sklearn.datasets import load_breast_cancer
 
-        from personanet.artifacts import ArtifactStore
         from personanet.config import parse_config
-        from personanet.crypto import MasterKey
-        from personanet.stage import require_key
+        from personanet.stages.base import require_key
+        from personanet.store.artifacts import ArtifactStore
+        from personanet.store.crypto import MasterKey
 
         data = load_breast_cancer()
         names = [name.replace(" ", "_") for name in data.feature_names]
@@ -272,7 +272,7 @@ def cells(source: Source, label: str, n: int, settings: dict[str, dict[str, Any]
 
 def _train_and_score(source: Source, version: str, changes: dict[str, Any], seed: int
                      ) -> dict[str, Any]:
-    from personanet.train import train
+    from personanet.stages.train import train
 
     config = source.config
     config = dataclasses.replace(config, train=dataclasses.replace(
@@ -289,8 +289,8 @@ def _train_and_score(source: Source, version: str, changes: dict[str, Any], seed
 
 
 def _scores(model_path: Path, test: Any) -> dict[str, float]:
-    from personanet.metrics import classification_metrics
-    from personanet.model import load_model, predict_frame
+    from personanet.models.tabular import load_model, predict_frame
+    from personanet.reporting.metrics import classification_metrics
 
     model, encoder = load_model(model_path)
     proba = predict_frame(model, encoder, test)
@@ -302,7 +302,7 @@ def _scores(model_path: Path, test: Any) -> dict[str, float]:
 def _majority(source: Source) -> dict[str, float]:
     import numpy as np
 
-    from personanet.encoding import Encoder
+    from personanet.models.encoding import Encoder
 
     target = Encoder.from_config(source.config).transform(source.test).target
     return {"accuracy": float(np.bincount(target).max() / len(target))}

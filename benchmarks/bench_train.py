@@ -78,12 +78,12 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
 
-    from personanet import tables
-    from personanet.artifacts import ArtifactStore
-    from personanet.clean import clean
-    from personanet.collect import collect
     from personanet.config import load_config
-    from personanet.crypto import MasterKey
+    from personanet.stages.clean import clean
+    from personanet.stages.collect import collect
+    from personanet.store import tables
+    from personanet.store.artifacts import ArtifactStore
+    from personanet.store.crypto import MasterKey
 
     base = load_config(ROOT / "configs" / "persona.toml")
     base = dataclasses.replace(base, budget=dataclasses.replace(base.budget, epsilon=1e9,
@@ -124,7 +124,7 @@ def main() -> int:
 
 
 def _train(config: Any, store: Any, key: Any, mode: str) -> tuple[Any, float]:
-    from personanet.train import train
+    from personanet.stages.train import train
 
     no_dp, grad_sample_mode, bookkeeping = MODES[mode]
     config = dataclasses.replace(config, train=dataclasses.replace(
@@ -201,7 +201,7 @@ def accuracy(base: Any, store: Any, key: Any, test_frame: Any,
 
 
 def _test_accuracy(result: Any, test_frame: Any) -> float:
-    from personanet.model import load_model, predict_frame
+    from personanet.models.tabular import load_model, predict_frame
 
     model, encoder = load_model(result.path)
     target = encoder.transform(test_frame).target

@@ -23,10 +23,10 @@ from personanet import __version__
 from personanet.errors import ConfigError, InternalError, PersonaNetError, UsageError
 
 if TYPE_CHECKING:
-    from personanet.artifacts import ArtifactStore
     from personanet.config import Config
-    from personanet.crypto import MasterKey
-    from personanet.stage import StageResult
+    from personanet.stages.base import StageResult
+    from personanet.store.artifacts import ArtifactStore
+    from personanet.store.crypto import MasterKey
 
 log = logging.getLogger("personanet")
 
@@ -242,14 +242,14 @@ def _config() -> Config:
 
 
 def _store(config: Config) -> ArtifactStore:
-    from personanet.artifacts import ArtifactStore
+    from personanet.store.artifacts import ArtifactStore
 
     return ArtifactStore(_options.artifacts, config.dataset.name,
                          lock_timeout=_options.lock_timeout)
 
 
 def _key() -> MasterKey:
-    from personanet.crypto import load_master_key
+    from personanet.store.crypto import load_master_key
 
     return load_master_key()
 
@@ -300,11 +300,11 @@ def _render_summary(items: list[StageResult]) -> None:
 
 def _stage_view(result: StageResult) -> Any:
     if result.stage == "clean":
-        from personanet.clean import render_report
+        from personanet.stages.clean import render_report
 
         return render_report(result.figures)
     if result.stage == "evaluate":
-        from personanet.report import render_summary
+        from personanet.reporting.report import render_summary
 
         return render_summary(json.loads((result.path / "metrics.json").read_text("utf-8")))
     return None
@@ -388,7 +388,7 @@ def collect(
 
         personanet --config configs/persona.toml collect --source exports/2026-*.csv.gz
     """
-    from personanet.collect import collect as run_collect
+    from personanet.stages.collect import collect as run_collect
 
     config = _config()
     _emit(run_collect(config, _store(config), _key(), sources=source or None, force=force))
@@ -405,7 +405,7 @@ def clean(
 
         personanet --config configs/persona.toml clean
     """
-    from personanet.clean import clean as run_clean
+    from personanet.stages.clean import clean as run_clean
 
     config = _config()
     _emit(run_clean(config, _store(config), _key(), input_version=input_version, force=force))
@@ -428,7 +428,7 @@ def train(
 
         personanet --config configs/persona.toml train --device auto
     """
-    from personanet.train import train as run_train
+    from personanet.stages.train import train as run_train
 
     config = _config()
     _emit(run_train(config, _store(config), _key(), input_version=input_version, force=force,
@@ -448,7 +448,7 @@ def evaluate(
 
         personanet --config configs/persona.toml evaluate
     """
-    from personanet.evaluate import evaluate as run_evaluate
+    from personanet.stages.evaluate import evaluate as run_evaluate
 
     config = _config()
     _emit(run_evaluate(config, _store(config), _key(), model_version=model,
@@ -476,7 +476,7 @@ def predict(
 
         personanet --config configs/persona.toml predict --input data/persona_new.csv
     """
-    from personanet.predict import predict as run_predict
+    from personanet.stages.predict import predict as run_predict
 
     config = _config()
     _emit(run_predict(config, _store(config), _key(), source=source, clean_version=clean_version,
@@ -496,7 +496,7 @@ def run(
 
         personanet --config configs/persona.toml run
     """
-    from personanet.pipeline import run_pipeline
+    from personanet.stages.pipeline import run_pipeline
 
     config = _config()
     results = run_pipeline(config, _store(config), _key(), force_from=force, device=device)
@@ -517,7 +517,7 @@ def artifacts_list(
 
         personanet --config configs/persona.toml artifacts list --stage train
     """
-    from personanet.artifacts import STAGES
+    from personanet.store.artifacts import STAGES
 
     if stage is not None and stage not in STAGES:
         raise UsageError(f"--stage must be one of {', '.join(STAGES)}")
@@ -537,7 +537,7 @@ def artifacts_list(
 
 def _stores() -> list[ArtifactStore]:
     """The configured dataset's store, or every dataset under the root without a config."""
-    from personanet.artifacts import ArtifactStore
+    from personanet.store.artifacts import ArtifactStore
 
     if _options.config is not None:
         return [_store(_config())]
@@ -589,13 +589,13 @@ def artifacts_export(
     from dataclasses import asdict
 
     from personanet.errors import InputMissingError
-    from personanet.export import STDOUT, check_request, export_table
+    from personanet.stages.export import STDOUT, check_request, export_table
 
     check_request(output, plaintext_output=plaintext_output)
     if output == STDOUT and _options.json:
         raise UsageError("--output - writes the table to stdout, where --json writes its "
                          "object: use one or the other")
-    from personanet.stage import require_key
+    from personanet.stages.base import require_key
 
     key = _key()
     for store in _stores():
@@ -625,7 +625,7 @@ def artifacts_verify(version: str = typer.Argument(None, help="Only this version
     """
     from dataclasses import asdict
 
-    from personanet.housekeeping import verify
+    from personanet.stages.housekeeping import verify
 
     report = verify(_stores(), _key(), version=version)
     if _options.json:
@@ -650,7 +650,7 @@ def artifacts_seal() -> None:
     """
     from dataclasses import asdict
 
-    from personanet.housekeeping import seal
+    from personanet.stages.housekeeping import seal
 
     report = seal(_stores(), _key())
     if _options.json:
@@ -675,7 +675,7 @@ def artifacts_gc(
     """
     from dataclasses import asdict
 
-    from personanet.housekeeping import gc
+    from personanet.stages.housekeeping import gc
 
     plans = {store.dataset: gc(store, keep=keep, yes=yes) for store in _stores()}
     if _options.json:
@@ -705,7 +705,7 @@ def keys_generate(path: Path = typer.Argument(..., help="Where to write the new 
 
         personanet keys generate ~/.config/personanet/master.key
     """
-    from personanet.crypto import MasterKey, write_key_file
+    from personanet.store.crypto import MasterKey, write_key_file
 
     key = MasterKey.generate()
     write_key_file(path, key)
@@ -738,8 +738,8 @@ def keys_rotate(
     """
     from dataclasses import asdict
 
-    from personanet.crypto import load_master_key
-    from personanet.housekeeping import rotate
+    from personanet.stages.housekeeping import rotate
+    from personanet.store.crypto import load_master_key
 
     new = load_master_key({"PERSONANET_KEY_FILE": str(new_key_file)})
     report = rotate(_options.artifacts, _key(), new, lock_timeout=_options.lock_timeout)
@@ -795,7 +795,7 @@ def budget_set(
         personanet budget set --epsilon 20 --reason "approved by the DPO, ticket 1234"
     """
     from personanet.privacy import Ledger
-    from personanet.stage import require_key
+    from personanet.stages.base import require_key
 
     config = _config()
     store = _store(config)

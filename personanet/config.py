@@ -32,7 +32,7 @@ ROLES: tuple[str, ...] = typing.get_args(Role)
 COLUMN_TYPES: tuple[str, ...] = typing.get_args(ColumnType)
 IMPUTE_RULES = ("midpoint", "missing", "drop", "none")
 DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-#: a [train] setting chosen from the data by personanet.defaults when training starts
+#: a [train] setting chosen from the data by personanet.training.defaults when training starts
 Auto = Literal["auto"]
 AUTO = "auto"
 
@@ -156,14 +156,14 @@ class TrainConfig:
     #: target epsilon of this run; noise is calibrated to reach it at `delta`
     epsilon: float = 1.0
     delta: float = 1e-5
-    #: passes over the data; "auto": chosen from the training rows (personanet.defaults)
+    #: passes over the data; "auto": chosen from the training rows (personanet.training.defaults)
     epochs: int | Auto = "auto"
     #: expected logical batch size (Poisson sampling rate = batch_size / rows); "auto": chosen
     #: from the training rows so the rate stays small enough for sampling to amplify privacy
     batch_size: int | Auto = "auto"
     #: per-example gradient clipping norm C
     max_grad_norm: float = 1.0
-    #: "auto": chosen with the batch size (personanet.defaults); Adam at 1e-2 measured best
+    #: "auto": chosen with the batch size (personanet.training.defaults); Adam at 1e-2 measured best
     #: under DP on the full bundled sample (0.855 at epsilon 1)
     learning_rate: float | Auto = "auto"
     optimizer: Literal["adam", "adamw", "sgd", "lbfgs"] = "adam"

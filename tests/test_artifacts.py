@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from personanet.artifacts import LOCK_FILE, ArtifactStore, verify_checksums
 from personanet.errors import InputMissingError, IntegrityError, LockBusyError
+from personanet.store.artifacts import LOCK_FILE, ArtifactStore, verify_checksums
 
 
 def _write(store: ArtifactStore, stage: str = "collect", *, fp: str = "fp",

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.stats import beta, binomtest
 
-from personanet.audit import (
+from personanet.privacy.audit import (
     AuditResult,
     attack_roc_curve,
     clopper_pearson_lower,

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from personanet import tables
+from personanet.store import tables
 
 from .conftest import ROOT, write_config
 

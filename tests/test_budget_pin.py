@@ -16,9 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from personanet.artifacts import ArtifactStore
 from personanet.config import parse_config
-from personanet.crypto import MasterKey, write_key_file
 from personanet.errors import (
     BudgetExhaustedError,
     IntegrityError,
@@ -26,6 +24,8 @@ from personanet.errors import (
     UsageError,
 )
 from personanet.privacy import Ledger, budget_summary
+from personanet.store.artifacts import ArtifactStore
+from personanet.store.crypto import MasterKey, write_key_file
 
 from .conftest import write_config
 

@@ -15,9 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from personanet import crypto, tables
-from personanet.artifacts import ArtifactStore
-from personanet.clean import (
+from personanet.config import Config, load_config, parse_config
+from personanet.errors import BadInputError, ConfigError
+from personanet.privacy.pseudonym import pseudonym_key, pseudonymize
+from personanet.stages.base import require_key
+from personanet.stages.clean import (
     REASONS,
     CleanReport,
     clean,
@@ -26,12 +28,10 @@ from personanet.clean import (
     prepare_rows,
     render_report,
 )
-from personanet.collect import collect
-from personanet.config import Config, load_config, parse_config
-from personanet.crypto import MasterKey
-from personanet.errors import BadInputError, ConfigError
-from personanet.pseudonym import pseudonym_key, pseudonymize
-from personanet.stage import require_key
+from personanet.stages.collect import collect
+from personanet.store import crypto, tables
+from personanet.store.artifacts import ArtifactStore
+from personanet.store.crypto import MasterKey
 
 from .conftest import CONFIG, ROOT, sample_lines
 

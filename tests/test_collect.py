@@ -15,10 +15,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from personanet import tables
-from personanet.artifacts import ArtifactStore
 from personanet.config import load_config
 from personanet.errors import KeyAccessError
+from personanet.store import tables
+from personanet.store.artifacts import ArtifactStore
 
 from .conftest import CONFIG, SAMPLE, all_bytes_under, write_config
 
@@ -57,7 +57,7 @@ def test_no_plaintext_identifier_under_artifact_root(cli, key_env, tmp_path: Pat
 
 
 def test_wrong_key_cannot_read_records(cli, key_env, tmp_path: Path) -> None:
-    from personanet.crypto import MasterKey
+    from personanet.store.crypto import MasterKey
 
     root = tmp_path / "a"
     assert cli("--config", CONFIG, "--artifacts", root, "collect").code == 0

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from personanet import crypto
-from personanet.artifacts import STAGES, ArtifactStore
 from personanet.config import Config, load_config
-from personanet.crypto import MasterKey
-from personanet.predict import read_predictions
+from personanet.stages.predict import read_predictions
+from personanet.store import crypto
+from personanet.store.artifacts import STAGES, ArtifactStore
+from personanet.store.crypto import MasterKey
 from tests.conftest import run_subprocess, write_config
 from tests.test_crash_safety import (
     TINY_RUN,

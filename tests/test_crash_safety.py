@@ -36,10 +36,10 @@ from pathlib import Path
 
 import pytest
 
-from personanet.artifacts import MANIFEST, STAGES, TMP_PREFIX, ArtifactStore, verify_checksums
 from personanet.config import Config, load_config
-from personanet.crypto import MasterKey
 from personanet.privacy import Ledger, budget_summary
+from personanet.store.artifacts import MANIFEST, STAGES, TMP_PREFIX, ArtifactStore, verify_checksums
+from personanet.store.crypto import MasterKey
 from tests.conftest import ROOT, run_subprocess, write_config
 
 PREDICT_INPUT = ROOT / "data" / "persona_new.csv"

@@ -20,8 +20,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from personanet import crypto
-from personanet.crypto import (
+from personanet.errors import (
+    BadInputError,
+    InputMissingError,
+    IntegrityError,
+    KeyAccessError,
+    OutputError,
+)
+from personanet.store import crypto
+from personanet.store.crypto import (
     DEFAULT_CHUNK_SIZE,
     HEADER_SIZE,
     KEY_BYTES,
@@ -41,13 +48,6 @@ from personanet.crypto import (
     rewrap_file,
     write_encrypted_file,
     write_key_file,
-)
-from personanet.errors import (
-    BadInputError,
-    InputMissingError,
-    IntegrityError,
-    KeyAccessError,
-    OutputError,
 )
 
 CHUNK = 1024

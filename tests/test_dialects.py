@@ -12,10 +12,10 @@ from pathlib import Path
 
 import polars as pl
 
-from personanet import tables
-from personanet.artifacts import ArtifactStore
 from personanet.config import ROW_UNIT, load_config
-from personanet.pseudonym import pseudonym_key, pseudonymize
+from personanet.privacy.pseudonym import pseudonym_key, pseudonymize
+from personanet.store import tables
+from personanet.store.artifacts import ArtifactStore
 
 DATA = Path(__file__).resolve().parent / "data" / "adult"
 ADULT_COLUMNS = ["age", "workclass", "fnlwgt", "education", "education_num", "marital_status",
@@ -102,7 +102,7 @@ def test_source_options_apply_to_collect_source_too(cli, key_env, tmp_path: Path
 
 
 def test_generated_row_unit_is_the_collected_row_number(key, tmp_path: Path) -> None:
-    from personanet.clean import clean_records
+    from personanet.stages.clean import clean_records
 
     config = load_config(adult_config(tmp_path / "adult.toml", DATA / "adult_head.data"))
     records = tables.read_source(DATA / "adult_head.data", config.source)
@@ -111,7 +111,7 @@ def test_generated_row_unit_is_the_collected_row_number(key, tmp_path: Path) -> 
     assert outcome.report.rows_train + outcome.report.rows_test == 305
     assert outcome.report.duplicates_removed == 0
     # The split is a keyed hash of the row number's pseudonym, as for any privacy unit.
-    from personanet.clean import hash_split
+    from personanet.stages.clean import hash_split
 
     units = pseudonymize(pl.Series([str(i) for i in range(305)]), key=pseudonym_key(key),
                          column=ROW_UNIT)

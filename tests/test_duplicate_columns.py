@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from personanet import tables
-from personanet.artifacts import ArtifactStore
+from personanet.store import tables
+from personanet.store.artifacts import ArtifactStore
 
 CONFIG = """
 [dataset]

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import polars as pl
 
-from personanet.artifacts import ArtifactStore
-from personanet.pseudonym import pseudonym_key, pseudonymize
+from personanet.privacy.pseudonym import pseudonym_key, pseudonymize
+from personanet.store.artifacts import ArtifactStore
 
 from .conftest import ROOT, write_config
 from .test_dialects import DATA, adult_config
@@ -131,7 +131,7 @@ def test_predict_reads_its_input_with_the_source_options(cli, key_env, tmp_path:
     notes = [line for line in predicted.stderr.splitlines() if "not in the config" in line]
     assert len(notes) == 1 and "native_country" in notes[0]
     store = ArtifactStore(tmp_path / "artifacts", "adult")
-    from personanet.predict import read_predictions
+    from personanet.stages.predict import read_predictions
 
     preds = read_predictions(store.get("predict"), key_env)
     assert preds["row"].to_list() == list(range(40))

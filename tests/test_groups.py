@@ -15,9 +15,9 @@ import pytest
 
 from personanet.config import load_config
 from personanet.errors import ConfigError
-from personanet.groups import grouping
-from personanet.metrics import group_metrics, group_regression_metrics
-from personanet.report import build_gates, render_markdown, write_plots
+from personanet.reporting.groups import grouping
+from personanet.reporting.metrics import group_metrics, group_regression_metrics
+from personanet.reporting.report import build_gates, render_markdown, write_plots
 
 from .conftest import write_config
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from personanet.artifacts import ArtifactStore
-from personanet.crypto import MasterKey, read_header, write_key_file
+from personanet.store.artifacts import ArtifactStore
+from personanet.store.crypto import MasterKey, read_header, write_key_file
 
 
 @pytest.fixture
@@ -35,12 +35,12 @@ def test_verify_authenticates_even_when_checksums_are_forged(cli, key_env, colle
     data[-5] ^= 0x80
     target.write_bytes(bytes(data))
     manifest = json.loads((collected / "manifest.json").read_text())
-    from personanet.artifacts import sha256_file
+    from personanet.store.artifacts import sha256_file
 
     manifest["outputs"][0]["sha256"] = sha256_file(target)
     # Re-sealed with the key itself: even a manifest that vouches for the flipped file
     # (the seal is checked first) cannot hide it from end-to-end authentication.
-    from personanet.stage import sealer_for
+    from personanet.stages.base import sealer_for
 
     (collected / "manifest.json").write_text(json.dumps(sealer_for(key_env).seal(manifest)))
     result = cli("artifacts", "verify")

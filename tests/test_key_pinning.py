@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from personanet.crypto import MasterKey, write_key_file
+from personanet.store.crypto import MasterKey, write_key_file
 
 from .conftest import ROOT
 from .store_trust import Built, artifact_dirs, build, copy_of, manifest_of, use_key
@@ -117,8 +117,8 @@ def test_rotation_reseals_every_manifest_and_the_old_key_is_refused(
 
 def test_an_interrupted_rotation_is_refused_by_stages_and_resumes(
         cli, built: Built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from personanet.artifacts import ArtifactStore
-    from personanet.housekeeping import RotationReport, _rotate_artifact
+    from personanet.stages.housekeeping import RotationReport, _rotate_artifact
+    from personanet.store.artifacts import ArtifactStore
 
     root = copy_of(built, tmp_path)
     new = MasterKey.generate()

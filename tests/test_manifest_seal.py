@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from personanet.artifacts import sha256_file
+from personanet.store.artifacts import sha256_file
 
 from .conftest import ROOT
 from .store_trust import Built, artifact_dirs, build, copy_of, manifest_of, use_key

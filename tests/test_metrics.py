@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from personanet.metrics import (
+from personanet.reporting.metrics import (
     bootstrap_ci,
     bootstrap_cis,
     calibration_curve,

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from personanet.config import Config, parse_config
-from personanet.encoding import Encoder
 from personanet.errors import BadInputError
-from personanet.model import (
+from personanet.models.encoding import Encoder
+from personanet.models.tabular import (
     ENCODER_FILE,
     MODEL_FILE,
     SPEC_FILE,

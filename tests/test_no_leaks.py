@@ -33,12 +33,12 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from personanet import crypto, tables
-from personanet.artifacts import ArtifactStore
 from personanet.config import load_config
-from personanet.crypto import MasterKey
-from personanet.predict import read_predictions
-from personanet.pseudonym import pseudonym_key, pseudonymize
+from personanet.privacy.pseudonym import pseudonym_key, pseudonymize
+from personanet.stages.predict import read_predictions
+from personanet.store import crypto, tables
+from personanet.store.artifacts import ArtifactStore
+from personanet.store.crypto import MasterKey
 from tests.conftest import ROOT, run_subprocess, sample_lines, write_config
 
 PREDICT_INPUT = ROOT / "data" / "persona_new.csv"

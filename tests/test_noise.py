@@ -56,12 +56,12 @@ import pytest
 import torch
 from scipy import stats
 
-from personanet import tables
-from personanet.artifacts import ArtifactStore
 from personanet.config import Config, load_config
-from personanet.crypto import MasterKey
-from personanet.model import PersonaLoss, PersonaNet, load_model
-from personanet.train import train
+from personanet.models.tabular import PersonaLoss, PersonaNet, load_model
+from personanet.stages.train import train
+from personanet.store import tables
+from personanet.store.artifacts import ArtifactStore
+from personanet.store.crypto import MasterKey
 from tests.conftest import SAMPLE, write_config
 from tests.test_train import make_clean_artifact, sample_frames
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from personanet.artifacts import STAGES, ArtifactStore
-from personanet.crypto import MasterKey, write_key_file
+from personanet.store.artifacts import STAGES, ArtifactStore
+from personanet.store.crypto import MasterKey, write_key_file
 
 from .conftest import ROOT, write_config
 

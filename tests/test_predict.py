@@ -9,13 +9,13 @@ import numpy as np
 import polars as pl
 import pytest
 
-from personanet import crypto
-from personanet.artifacts import ArtifactStore
-from personanet.clean import prepare_rows
 from personanet.config import load_config
-from personanet.model import load_model
-from personanet.predict import PREDICTIONS, REJECTS, read_predictions
-from personanet.pseudonym import pseudonym_key
+from personanet.models.tabular import load_model
+from personanet.privacy.pseudonym import pseudonym_key
+from personanet.stages.clean import prepare_rows
+from personanet.stages.predict import PREDICTIONS, REJECTS, read_predictions
+from personanet.store import crypto
+from personanet.store.artifacts import ArtifactStore
 
 from .conftest import ROOT, all_bytes_under
 

@@ -13,11 +13,9 @@ import pytest
 import torch
 from rich.console import Console
 
-from personanet.artifacts import ArtifactStore
 from personanet.config import BudgetConfig, Config, DatasetConfig, parse_config
-from personanet.crypto import MasterKey
 from personanet.errors import BudgetExhaustedError, IntegrityError
-from personanet.model import PersonaLoss, PersonaNet
+from personanet.models.tabular import PersonaLoss, PersonaNet
 from personanet.privacy import (
     BookkeepingClipper,
     Ledger,
@@ -26,6 +24,8 @@ from personanet.privacy import (
     compute_epsilon,
     render_budget,
 )
+from personanet.store.artifacts import ArtifactStore
+from personanet.store.crypto import MasterKey
 from tests.conftest import ROOT
 
 # Opacus' reference paths warn that the first layer's input needs no gradient (true and
@@ -157,10 +157,10 @@ def test_damaged_ledger_is_never_reset(tmp_path: Path) -> None:
 
 CONCURRENT = r"""
 import sys
-from personanet.artifacts import ArtifactStore
+from personanet.store.artifacts import ArtifactStore
 from personanet.errors import BudgetExhaustedError
 from personanet.privacy import Ledger
-from personanet.crypto import MasterKey
+from personanet.store.crypto import MasterKey
 ledger = Ledger(ArtifactStore(sys.argv[1], "people"), MasterKey.from_base64(sys.argv[2]))
 try:
     ledger.reserve(epsilon=1.0, delta=1e-6, budget_epsilon=2.5, budget_delta=1e-3)

@@ -10,15 +10,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from personanet.audit import attack_roc_curve, membership_inference_audit
-from personanet.metrics import (
+from personanet.privacy.audit import attack_roc_curve, membership_inference_audit
+from personanet.reporting.metrics import (
     bootstrap_cis,
     calibration_curve,
     classification_metrics,
     group_metrics,
     roc_curve,
 )
-from personanet.report import (
+from personanet.reporting.report import (
     build_gates,
     failed_gates,
     privacy_sentence,

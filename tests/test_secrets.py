@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from personanet.crypto import MasterKey, load_master_key, write_key_file
 from personanet.errors import KeyAccessError
-from personanet.pseudonym import pseudonym_key
+from personanet.privacy.pseudonym import pseudonym_key
+from personanet.store.crypto import MasterKey, load_master_key, write_key_file
 
 from .conftest import ROOT, all_bytes_under, write_config
 

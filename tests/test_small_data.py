@@ -14,19 +14,19 @@ from pathlib import Path
 
 import pytest
 
-from personanet.artifacts import ArtifactStore
-from personanet.clean import clean
-from personanet.collect import collect
 from personanet.config import load_config
-from personanet.crypto import MasterKey
-from personanet.defaults import (
+from personanet.errors import ConfigError
+from personanet.stages.clean import clean
+from personanet.stages.collect import collect
+from personanet.stages.train import train
+from personanet.store.artifacts import ArtifactStore
+from personanet.store.crypto import MasterKey
+from personanet.training.defaults import (
     WARN_MIN_STEPS,
     WARN_SAMPLE_RATE,
     auto_settings,
     small_data_warnings,
 )
-from personanet.errors import ConfigError
-from personanet.train import train
 
 from .conftest import sample_lines, write_config
 
@@ -91,9 +91,9 @@ def _prepared(tmp_path: Path, small_store: tuple[Path, ArtifactStore, MasterKey]
 
 
 def _held_out_metrics(result, store: ArtifactStore, key: MasterKey) -> dict:
-    from personanet import tables
-    from personanet.metrics import classification_metrics
-    from personanet.model import load_model, predict_frame
+    from personanet.models.tabular import load_model, predict_frame
+    from personanet.reporting.metrics import classification_metrics
+    from personanet.store import tables
 
     model, encoder = load_model(result.path)
     test = tables.read_artifact_table(store.get("clean"), "test.parquet.enc", key)

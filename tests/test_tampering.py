@@ -28,8 +28,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from personanet.artifacts import sha256_file
-from personanet.crypto import (
+from personanet.errors import IntegrityError, KeyAccessError
+from personanet.store.artifacts import sha256_file
+from personanet.store.crypto import (
     HEADER_SIZE,
     MIN_CHUNK_SIZE,
     EncryptingWriter,
@@ -40,7 +41,6 @@ from personanet.crypto import (
     read_encrypted_file,
     write_encrypted_file,
 )
-from personanet.errors import IntegrityError, KeyAccessError
 
 # Fixed keys: generated examples must not depend on a function-scoped fixture.
 KEY = MasterKey(hashlib.sha256(b"personanet test_tampering key").digest())
@@ -288,7 +288,7 @@ def forge_manifest(artifact: Path, key: MasterKey) -> None:
     Re-sealing needs the key, which an attacker lacks: it takes the manifest seal out of
     the way so that these tests show what the encrypted format alone catches.
     """
-    from personanet.stage import sealer_for
+    from personanet.stages.base import sealer_for
 
     manifest_path = artifact / "manifest.json"
     manifest = json.loads(manifest_path.read_text())

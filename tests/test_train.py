@@ -24,15 +24,15 @@ import polars as pl
 import pytest
 import torch
 
-from personanet import tables
-from personanet.artifacts import ArtifactStore
 from personanet.config import Config, load_config
-from personanet.crypto import MasterKey
 from personanet.errors import BudgetExhaustedError, ConfigError, InputMissingError
 from personanet.privacy import Ledger, budget_summary, compute_epsilon
-from personanet.stage import require_key
-from personanet.train import resolve_device
-from personanet.train import train as train_stage
+from personanet.stages.base import require_key
+from personanet.stages.train import resolve_device
+from personanet.stages.train import train as train_stage
+from personanet.store import tables
+from personanet.store.artifacts import ArtifactStore
+from personanet.store.crypto import MasterKey
 from tests.conftest import ROOT, SAMPLE, _dump_toml, write_config
 
 # ----------------------------------------------------------------------- helpers
@@ -243,7 +243,7 @@ def test_progress_reports_epoch_loss_and_epsilon(tmp_path: Path,
 
 
 def test_model_loads_back_and_predicts_like_in_training(tmp_path: Path) -> None:
-    from personanet.model import load_model, predict_frame
+    from personanet.models.tabular import load_model, predict_frame
 
     s = setup(tmp_path, overrides="[train]\nepochs = 1\n")
     result = train(s.config, s.store, s.key)
@@ -284,7 +284,7 @@ def test_identical_run_is_reused_and_spends_nothing(tmp_path: Path) -> None:
 
 def test_run_failing_before_its_first_step_gives_its_reservation_back(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import personanet.train as train_module
+    import personanet.stages.train as train_module
 
     def fail(*args, **kwargs):
         raise RuntimeError("disk on fire")
@@ -300,7 +300,7 @@ def test_run_failing_before_its_first_step_gives_its_reservation_back(
 
 def test_run_failing_after_steps_stays_counted(tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    import personanet.train as train_module
+    import personanet.stages.train as train_module
 
     real_save = train_module._save_checkpoint
 
@@ -390,7 +390,7 @@ def test_multiclass_and_regression_targets(tmp_path: Path) -> None:
         "[dataset]\ntarget = \"age\"\n[columns.age]\nrole = \"target\"\n"
         "[columns.income]\nrole = \"ignore\"\n[train]\nepochs = 1\n"))
     result = train(regression.config, regression.store, regression.key)
-    from personanet.model import load_model, predict_frame
+    from personanet.models.tabular import load_model, predict_frame
 
     model, encoder = load_model(result.path)
     assert encoder.task == "regression"
@@ -411,7 +411,7 @@ def test_physical_batches_are_capped_without_changing_the_logical_steps(tmp_path
 def test_faster_gradient_sum_gives_opacus_numbers() -> None:
     from opacus.optimizers import DPOptimizerFastGradientClipping
 
-    from personanet.train import _clone_instead_of_deepcopy
+    from personanet.stages.train import _clone_instead_of_deepcopy
 
     def run(patched: bool) -> torch.Tensor:
         weight = torch.nn.Parameter(torch.ones(3))
@@ -463,10 +463,10 @@ def test_device_used_is_in_the_manifest(tmp_path: Path) -> None:
 KILLABLE = r"""
 import os, sys, time
 from pathlib import Path
-import personanet.train as t
-from personanet.artifacts import ArtifactStore
+import personanet.stages.train as t
+from personanet.store.artifacts import ArtifactStore
 from personanet.config import load_config
-from personanet.crypto import MasterKey
+from personanet.store.crypto import MasterKey
 
 config = load_config(sys.argv[1])
 store = ArtifactStore(sys.argv[2], config.dataset.name)
@@ -554,7 +554,7 @@ def test_resume_with_nothing_to_resume_exits_66(tmp_path: Path) -> None:
 
 def test_resume_in_process_after_a_crash_continues_the_same_reservation(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import personanet.train as train_module
+    import personanet.stages.train as train_module
 
     real_save = train_module._save_checkpoint
 
@@ -586,7 +586,7 @@ def test_resume_in_process_after_a_crash_continues_the_same_reservation(
 @pytest.mark.slow
 def test_full_sample_accuracy_at_epsilon_1_beats_the_baselines(tmp_path: Path) -> None:
     """Standard UCI split, configs/persona.toml as shipped: epsilon 1, delta 1e-5."""
-    from personanet.model import load_model, predict_frame
+    from personanet.models.tabular import load_model, predict_frame
 
     torch.set_num_threads(2)
     config = load_config(ROOT / "configs" / "persona.toml")

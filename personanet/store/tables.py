@@ -1,7 +1,7 @@
 """Record-level tables on disk: read sources, and Parquet that is only ever encrypted.
 
 Plaintext Parquet exists only in memory (a BytesIO); what reaches the disk is
-the encrypted stream of `personanet.crypto`. Sources are read with the
+the encrypted stream of `personanet.store.crypto`. Sources are read with the
 config's `[source]` options (delimiter, header, encoding, ...), the same way
 for collect and for predict.
 """
@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from personanet import crypto
 from personanet.config import SourceConfig
 from personanet.errors import BadInputError, InputMissingError, IntegrityError
+from personanet.store import crypto
 
 if TYPE_CHECKING:
     import polars as pl
 
-    from personanet.artifacts import Artifact
+    from personanet.store.artifacts import Artifact
 
 log = logging.getLogger("personanet")
 

@@ -31,9 +31,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from personanet.defaults import settled
-from personanet.encoding import Encoder
 from personanet.errors import BadInputError, InputMissingError
+from personanet.models.encoding import Encoder
+from personanet.training.defaults import settled
 
 if TYPE_CHECKING:
     import polars as pl

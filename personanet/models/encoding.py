@@ -43,8 +43,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from personanet.defaults import settled
 from personanet.errors import BadInputError, ConfigError
+from personanet.training.defaults import settled
 
 if TYPE_CHECKING:
     import polars as pl

@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from personanet.artifacts import STAGES, ArtifactStore
 from personanet.config import Config
-from personanet.crypto import MasterKey
 from personanet.errors import PersonaNetError, UsageError
-from personanet.stage import StageResult
+from personanet.stages.base import StageResult
+from personanet.store.artifacts import STAGES, ArtifactStore
+from personanet.store.crypto import MasterKey
 
 log = logging.getLogger("personanet")
 
@@ -39,11 +39,11 @@ def run_pipeline(config: Config, store: ArtifactStore, key: MasterKey, *,
 
 def _run_stages(config: Config, store: ArtifactStore, key: MasterKey, forced: set[str],
                 device: str | None, results: list[StageResult]) -> None:
-    from personanet.clean import clean
-    from personanet.collect import collect
-    from personanet.evaluate import evaluate
-    from personanet.predict import predict
-    from personanet.train import train
+    from personanet.stages.clean import clean
+    from personanet.stages.collect import collect
+    from personanet.stages.evaluate import evaluate
+    from personanet.stages.predict import predict
+    from personanet.stages.train import train
 
     # Each stage reads exactly the version its predecessor just produced or reused: "newest"
     # could be another artifact when the config went back to an earlier state.

@@ -13,13 +13,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from personanet import tables
-from personanet.artifacts import ArtifactStore, sha256_file
 from personanet.config import Config
-from personanet.crypto import MasterKey
 from personanet.errors import BadInputError
-from personanet.lineage import collect_fingerprint
-from personanet.stage import StageResult, find_reusable, require_key
+from personanet.stages.base import StageResult, find_reusable, require_key
+from personanet.stages.lineage import collect_fingerprint
+from personanet.store import tables
+from personanet.store.artifacts import ArtifactStore, sha256_file
+from personanet.store.crypto import MasterKey
 from personanet.ui import track
 
 log = logging.getLogger("personanet")

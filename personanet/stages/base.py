@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from personanet import __version__
-from personanet.artifacts import Artifact, ArtifactStore, Sealer, sha256_file
 from personanet.config import canonical_json
 from personanet.errors import IntegrityError, KeyAccessError
+from personanet.store.artifacts import Artifact, ArtifactStore, Sealer, sha256_file
 
 if TYPE_CHECKING:
-    from personanet.crypto import MasterKey
+    from personanet.store.crypto import MasterKey
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def fingerprint(stage: str, **identity: Any) -> str:
 
 def sealer_for(key: MasterKey) -> Sealer:
     """The manifest sealer of `key` (its MAC key is derived from the master key)."""
-    from personanet.crypto import manifest_seal_key
+    from personanet.store.crypto import manifest_seal_key
 
     return Sealer(key.key_id, manifest_seal_key(key))
 

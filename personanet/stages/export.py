@@ -19,14 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from personanet import tables
 from personanet.errors import InputMissingError, OutputError, UsageError
+from personanet.store import tables
 
 if TYPE_CHECKING:
     import polars as pl
 
-    from personanet.artifacts import Artifact
-    from personanet.crypto import MasterKey
+    from personanet.store.artifacts import Artifact
+    from personanet.store.crypto import MasterKey
 
 log = logging.getLogger("personanet")
 

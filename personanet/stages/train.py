@@ -40,11 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from personanet import stage, tables, ui
-from personanet.artifacts import ArtifactStore, fsync_path, new_version, utc_now
+from personanet import ui
 from personanet.config import AUTO, Config
-from personanet.defaults import describe_auto, resolve_train_config, small_data_warnings
-from personanet.encoding import EncodedBatch, Encoder
 from personanet.errors import (
     BadInputError,
     ConfigError,
@@ -52,7 +49,7 @@ from personanet.errors import (
     InternalError,
     LockBusyError,
 )
-from personanet.lineage import chain_input, train_fingerprint
+from personanet.models.encoding import EncodedBatch, Encoder
 from personanet.privacy import (
     AccountantError,
     BookkeepingClipper,
@@ -62,15 +59,20 @@ from personanet.privacy import (
     epsilon_of_history,
     noise_for_epsilon,
 )
-from personanet.stage import StageResult, require_key
+from personanet.stages import base as stage
+from personanet.stages.base import StageResult, require_key
+from personanet.stages.lineage import chain_input, train_fingerprint
+from personanet.store import tables
+from personanet.store.artifacts import ArtifactStore, fsync_path, new_version, utc_now
+from personanet.training.defaults import describe_auto, resolve_train_config, small_data_warnings
 
 if TYPE_CHECKING:
     import polars as pl
     import torch
 
-    from personanet.artifacts import Artifact
-    from personanet.crypto import MasterKey
-    from personanet.model import PersonaNet
+    from personanet.models.tabular import PersonaNet
+    from personanet.store.artifacts import Artifact
+    from personanet.store.crypto import MasterKey
 
 logger = logging.getLogger("personanet")
 
@@ -165,7 +167,7 @@ def _train_locked(config: Config, store: ArtifactStore, key: MasterKey, *,
         _check_delta(cfg.delta, rows=len(rows))
 
     torch.manual_seed(cfg.seed)  # the initial weights are public: seeded from the config
-    from personanet.model import PersonaLoss, PersonaNet
+    from personanet.models.tabular import PersonaLoss, PersonaNet
 
     spec = PersonaNet.spec_for(encoder, cfg)
     model = PersonaNet.from_spec(spec).to(torch_device)
@@ -228,7 +230,7 @@ def _train_locked(config: Config, store: ArtifactStore, key: MasterKey, *,
                               config_hash=config.section_hash("columns", "train", "dataset"),
                               seed=cfg.seed)
         with writer:
-            from personanet.model import save_model
+            from personanet.models.tabular import save_model
 
             for name in save_model(model, spec, encoder, writer.tmp):
                 writer.add(name)
@@ -474,7 +476,7 @@ def _make_private(model: PersonaNet, optimizer: Any, loader: Any, config: Config
     import torch
     from opacus import PrivacyEngine
 
-    from personanet.model import PersonaLoss
+    from personanet.models.tabular import PersonaLoss
 
     cfg = config.train
     bookkeeping = (cfg.grad_sample_mode == "ghost" and cfg.bookkeeping
@@ -783,7 +785,7 @@ def _figures(session: Session, history: TrainHistory, config: Config, *, rows: i
              device: torch.device, wall_seconds: float, run_id: str, resumed: bool,
              auto: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The manifest's figures and privacy.json, from the run's resolved `config`; `auto`
-    holds what `personanet.defaults` chose for the keys set to "auto"."""
+    holds what `personanet.training.defaults` chose for the keys set to "auto"."""
     cfg = config.train
     if session.private:
         if session.steps != session.planned_steps:
@@ -988,7 +990,7 @@ def _save_checkpoint(run_dir: Path, *, epoch: int, run_id: str, fingerprint: str
     import torch
     from safetensors.torch import save_file
 
-    from personanet.model import state_dict_for_saving
+    from personanet.models.tabular import state_dict_for_saving
 
     final = run_dir / f"epoch-{epoch:04d}"
     tmp = run_dir / f".tmp-epoch-{epoch:04d}-{secrets.token_hex(3)}"

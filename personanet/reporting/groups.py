@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
-from personanet.metrics import MISSING_GROUP
+from personanet.reporting.metrics import MISSING_GROUP
 
 if TYPE_CHECKING:
     import polars as pl

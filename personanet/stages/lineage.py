@@ -13,9 +13,9 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from personanet.artifacts import Artifact, ArtifactStore, sha256_file
 from personanet.errors import InputMissingError
-from personanet.stage import fingerprint
+from personanet.stages.base import fingerprint
+from personanet.store.artifacts import Artifact, ArtifactStore, sha256_file
 
 if TYPE_CHECKING:
     from personanet.config import Config
@@ -63,7 +63,7 @@ def resolve_chain(config: Config, store: ArtifactStore) -> dict[str, Artifact | 
     is the private model when it exists, else the chain's `--no-dp` model. Raises
     InputMissingError (66) when the sources are gone, since then the chain has no start.
     """
-    from personanet import tables
+    from personanet.store import tables
 
     chain: dict[str, Artifact | None] = dict.fromkeys(CHAIN)
     try:

@@ -40,7 +40,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from personanet.artifacts import utc_now
 from personanet.errors import (
     BudgetExhaustedError,
     IntegrityError,
@@ -48,15 +47,16 @@ from personanet.errors import (
     OutputError,
     UsageError,
 )
+from personanet.store.artifacts import utc_now
 
 if TYPE_CHECKING:
     import torch
     from rich.console import Group
     from rich.table import Table
 
-    from personanet.artifacts import ArtifactStore
     from personanet.config import Config
-    from personanet.crypto import MasterKey
+    from personanet.store.artifacts import ArtifactStore
+    from personanet.store.crypto import MasterKey
 
 logger = logging.getLogger("personanet")
 
@@ -759,7 +759,7 @@ def effective_budget(doc: dict[str, Any], *, dataset: str, budget_epsilon: float
 
 
 def _run_id() -> str:
-    from personanet.artifacts import new_version
+    from personanet.store.artifacts import new_version
 
     return new_version()
 

@@ -21,18 +21,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from personanet import crypto, tables
-from personanet.artifacts import Artifact, ArtifactStore, sha256_file
 from personanet.config import Config, SourceConfig
 from personanet.errors import BadInputError, InternalError, OutputError, UsageError
-from personanet.lineage import chain_input
-from personanet.stage import (
+from personanet.stages.base import (
     StageResult,
     check_plain_files,
     find_reusable,
     fingerprint,
     require_key,
 )
+from personanet.stages.lineage import chain_input
+from personanet.store import crypto, tables
+from personanet.store.artifacts import Artifact, ArtifactStore, sha256_file
 from personanet.ui import progress
 
 if TYPE_CHECKING:
@@ -118,9 +118,9 @@ def _predict_locked(config: Config, store: ArtifactStore, key: crypto.MasterKey,
             _export(reusable.path / PREDICTIONS, output, key, plaintext=plaintext_output)
         return dataclasses.replace(reusable, warnings=warnings)
 
-    from personanet.model import load_model
-    from personanet.pseudonym import pseudonym_key
-    from personanet.train import resolve_device
+    from personanet.models.tabular import load_model
+    from personanet.privacy.pseudonym import pseudonym_key
+    from personanet.stages.train import resolve_device
 
     model, encoder = load_model(model_artifact.path)
     torch_device = resolve_device(device or config.train.device)
@@ -214,8 +214,8 @@ def _score(batches: Iterator[_Batch], model: Any, encoder: Any, config: Config,
     """Score every batch, writing predictions and rejects as they come (flat memory)."""
     import polars as pl
 
-    from personanet.clean import prepare_rows
-    from personanet.model import predict_frame
+    from personanet.models.tabular import predict_frame
+    from personanet.stages.clean import prepare_rows
 
     identifiers = [c.name for c in config.identifiers()]
     classes = encoder.target_classes if encoder.task != "regression" else []
@@ -318,7 +318,7 @@ def _export(encrypted: Path, output: Path, key: crypto.MasterKey, *, plaintext: 
 
 def _write_plaintext_parquet(csv_bytes: bytes, output: Path) -> None:
     """The predictions as Parquet under the name that promises it: 0600, temp + rename."""
-    from personanet.export import read_table_bytes
+    from personanet.stages.export import read_table_bytes
 
     frame = read_table_bytes(csv_bytes, PREDICTIONS)
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")

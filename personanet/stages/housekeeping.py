@@ -15,8 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from personanet import crypto
-from personanet.artifacts import (
+from personanet.errors import KeyAccessError
+from personanet.privacy import Ledger
+from personanet.stages.base import sealer_for
+from personanet.store import crypto
+from personanet.store.artifacts import (
     MANIFEST,
     SEAL,
     STAGES,
@@ -26,9 +29,6 @@ from personanet.artifacts import (
     utc_now,
     verify_checksums,
 )
-from personanet.errors import KeyAccessError
-from personanet.privacy import Ledger
-from personanet.stage import sealer_for
 
 log = logging.getLogger("personanet")
 

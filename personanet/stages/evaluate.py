@@ -17,19 +17,19 @@ from typing import Any
 
 import numpy as np
 
-from personanet import tables
-from personanet.artifacts import Artifact, ArtifactStore
 from personanet.config import Config
-from personanet.crypto import MasterKey
 from personanet.errors import GateFailedError
-from personanet.lineage import chain_input
-from personanet.stage import (
+from personanet.stages.base import (
     StageResult,
     check_plain_files,
     find_reusable,
     fingerprint,
     require_key,
 )
+from personanet.stages.lineage import chain_input
+from personanet.store import tables
+from personanet.store.artifacts import Artifact, ArtifactStore
+from personanet.store.crypto import MasterKey
 
 log = logging.getLogger("personanet")
 
@@ -77,7 +77,7 @@ def _evaluate_locked(config: Config, store: ArtifactStore, key: MasterKey, *,
 
     metrics, curves = compute_metrics(config, key, model_artifact, clean_artifact,
                                       member_artifact, sensitive=sensitive)
-    from personanet import report
+    from personanet.reporting import report
 
     with store.lock(), store.create(
         "evaluate", fingerprint=fp,
@@ -110,11 +110,11 @@ def compute_metrics(config: Config, key: MasterKey, model_artifact: Artifact,
                     clean_artifact: Artifact, member_artifact: Artifact, *,
                     sensitive: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """metrics.json's content, and the curves the plots are drawn from."""
-    from personanet import audit as mia
-    from personanet import groups as fairness
-    from personanet import metrics as m
-    from personanet import report
-    from personanet.model import load_model, predict_frame
+    from personanet.models.tabular import load_model, predict_frame
+    from personanet.privacy import audit as mia
+    from personanet.reporting import groups as fairness
+    from personanet.reporting import metrics as m
+    from personanet.reporting import report
 
     model, encoder = load_model(model_artifact.path)
     privacy = json.loads(model_artifact.file("privacy.json").read_text("utf-8"))
@@ -218,7 +218,7 @@ def compute_metrics(config: Config, key: MasterKey, model_artifact: Artifact,
 
 def _group_definitions(config: Config, sensitive: list[str]) -> dict[str, Any]:
     """How each sensitive column is grouped (its bins' edges): other edges, another evaluation."""
-    from personanet.groups import groupings
+    from personanet.reporting.groups import groupings
 
     return {name: g.to_json() for name, g in groupings(config, sensitive).items()}
 
@@ -234,7 +234,7 @@ def _per_example_loss(model: Any, encoder: Any, frame: Any, batch_size: int
     """
     import torch
 
-    from personanet.model import PersonaLoss
+    from personanet.models.tabular import PersonaLoss
 
     criterion = PersonaLoss(encoder.task, reduction="none")
     device = next(model.parameters()).device
@@ -257,7 +257,7 @@ def _per_example_loss(model: Any, encoder: Any, frame: Any, batch_size: int
 
 def _figures(metrics: dict[str, Any]) -> dict[str, Any]:
     """The headline numbers for the manifest, --json and the summary table."""
-    from personanet.report import failed_gates
+    from personanet.reporting.report import failed_gates
 
     overall = metrics["overall"]
     audit = metrics.get("audit") or {}

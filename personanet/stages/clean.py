@@ -36,20 +36,20 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from personanet import tables
-from personanet.artifacts import ArtifactStore
 from personanet.config import ROW_UNIT, ColumnConfig, Config
 from personanet.errors import BadInputError, ConfigError, InternalError
-from personanet.lineage import chain_input, clean_fingerprint
-from personanet.pseudonym import pseudonym_key, pseudonymize
-from personanet.stage import StageResult, find_reusable, require_key
+from personanet.privacy.pseudonym import pseudonym_key, pseudonymize
+from personanet.stages.base import StageResult, find_reusable, require_key
+from personanet.stages.lineage import chain_input, clean_fingerprint
+from personanet.store import tables
+from personanet.store.artifacts import ArtifactStore
 
 if TYPE_CHECKING:
     import numpy as np
     import polars as pl
     from rich.console import RenderableType
 
-    from personanet.crypto import MasterKey
+    from personanet.store.crypto import MasterKey
 
 log = logging.getLogger("personanet")
 

@@ -87,7 +87,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from personanet.metrics import roc_auc_score, roc_curve
+from personanet.reporting.metrics import roc_auc_score, roc_curve
 
 #: FPR targets of the low-FPR report
 LOW_FPRS = (0.01, 0.001)

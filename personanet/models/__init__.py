@@ -1,0 +1,1 @@
+"""Model families: what a network is, how it is built, saved and loaded."""

@@ -1,0 +1,1 @@
+"""Figures about a model: metrics, fairness groups, the report and its plots."""

@@ -1,0 +1,1 @@
+"""The pipeline's stages and what they share (fingerprint, reuse, lock, commit)."""

@@ -1,0 +1,1 @@
+"""Where bytes rest: versioned artifacts, the encrypted file format, encrypted tables."""

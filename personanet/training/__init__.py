@@ -1,0 +1,1 @@
+"""The training loop's parts: devices, DP set-up, the loop, checkpoints, defaults."""
