@@ -1,4 +1,4 @@
-"""The artifact store: immutable versions, atomic writes, reuse, one writer (SPEC section 3)."""
+"""The artifact store: immutable versions, atomic writes, reuse, one writer (README: Artifacts)."""
 
 from __future__ import annotations
 
@@ -66,7 +66,21 @@ def test_failed_write_leaves_nothing(tmp_path: Path) -> None:
                                                    config={}, config_hash="h") as writer:
         writer.write_bytes("part.bin", b"half")
         raise RuntimeError("crash")
-    assert list(store.stage_dir("clean").iterdir()) == []
+    # Not even the empty stage and dataset folders stay behind.
+    assert not store.dataset_dir.exists()
+
+
+def test_failed_write_keeps_the_committed_versions_beside_it(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path, "ds")
+    with store.create("clean", fingerprint="f", inputs=[], config={},
+                      config_hash="h") as writer:
+        writer.write_bytes("part.bin", b"whole")
+        kept = writer.commit()
+    with pytest.raises(RuntimeError), store.create("clean", fingerprint="g", inputs=[],
+                                                   config={}, config_hash="h") as writer:
+        writer.write_bytes("part.bin", b"half")
+        raise RuntimeError("crash")
+    assert [p.name for p in store.stage_dir("clean").iterdir()] == [kept.version]
 
 
 def test_missing_stage_says_what_to_run(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Concurrency (SPEC section 3): one writer at a time per artifact root.
+"""Concurrency (README: Artifacts): one writer at a time per artifact root.
 
 Four real `python -m personanet run` processes start together on one artifact root.
 With a long --lock-timeout they serialize (all exit 0); with a short one the losers give
@@ -22,7 +22,7 @@ from personanet.config import Config, load_config
 from personanet.stages.predict import read_predictions
 from personanet.store import crypto
 from personanet.store.artifacts import STAGES, ArtifactStore
-from personanet.store.crypto import MasterKey
+from personanet.store.keys import MasterKey
 from tests.conftest import run_subprocess, write_config
 from tests.test_crash_safety import (
     TINY_RUN,

@@ -1,4 +1,4 @@
-"""Crash safety (SPEC sections 3 and 5): `personanet run` SIGKILLed anywhere, then rerun.
+"""Crash safety (README: Artifacts): `personanet run` SIGKILLed anywhere, then rerun.
 
 A harness starts `python -m personanet run` as a real child process (key from
 PERSONANET_KEY, real encryption, real DP training on a few hundred rows) and kills it
@@ -39,7 +39,7 @@ import pytest
 from personanet.config import Config, load_config
 from personanet.privacy import Ledger, budget_summary
 from personanet.store.artifacts import MANIFEST, STAGES, TMP_PREFIX, ArtifactStore, verify_checksums
-from personanet.store.crypto import MasterKey
+from personanet.store.keys import MasterKey
 from tests.conftest import ROOT, run_subprocess, write_config
 
 PREDICT_INPUT = ROOT / "data" / "persona_new.csv"

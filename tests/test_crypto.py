@@ -1,4 +1,4 @@
-"""Behaviour of the encrypted file format and of master keys (SPEC section 4).
+"""Behaviour of the encrypted file format and of master keys (docs/encryption.md).
 
 Real AES-GCM, real files in tmp_path. A small chunk size keeps multi-chunk cases fast.
 """
@@ -30,25 +30,19 @@ from personanet.errors import (
 from personanet.store import crypto
 from personanet.store.crypto import (
     DEFAULT_CHUNK_SIZE,
-    HEADER_SIZE,
-    KEY_BYTES,
-    MAGIC,
     EncryptingWriter,
-    Header,
-    MasterKey,
     decrypt_bytes,
     decrypt_file_to,
     decrypt_stream,
     encrypt_bytes,
     encrypt_stream,
     is_encrypted,
-    load_master_key,
     read_encrypted_file,
-    read_header,
     rewrap_file,
     write_encrypted_file,
-    write_key_file,
 )
+from personanet.store.crypto_header import HEADER_SIZE, MAGIC, Header, read_header
+from personanet.store.keys import KEY_BYTES, MasterKey, load_master_key, write_key_file
 
 CHUNK = 1024
 SEALED = CHUNK + 16  # a full chunk on disk: plaintext plus the GCM tag

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from personanet.store.artifacts import ArtifactStore
-from personanet.store.crypto import MasterKey, read_header, write_key_file
+from personanet.store.crypto_header import read_header
+from personanet.store.keys import MasterKey, write_key_file
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from personanet.store.crypto import MasterKey, write_key_file
+from personanet.store.keys import MasterKey, write_key_file
 
 from .conftest import ROOT
 from .store_trust import Built, artifact_dirs, build, copy_of, manifest_of, use_key

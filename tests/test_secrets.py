@@ -25,7 +25,7 @@ import pytest
 
 from personanet.errors import KeyAccessError
 from personanet.privacy.pseudonym import pseudonym_key
-from personanet.store.crypto import MasterKey, load_master_key, write_key_file
+from personanet.store.keys import MasterKey, load_master_key, write_key_file
 
 from .conftest import ROOT, all_bytes_under, write_config
 

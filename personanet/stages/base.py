@@ -1,9 +1,12 @@
-"""What every stage shares: its result, its fingerprint, the key check, and reuse of
-identical work."""
+"""The stage skeleton every stage runs through: key check, lock, fingerprint, reuse of
+identical work, write, commit; and the result it hands back."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,10 +14,14 @@ from typing import TYPE_CHECKING, Any
 from personanet import __version__
 from personanet.config import canonical_json
 from personanet.errors import IntegrityError, KeyAccessError
-from personanet.store.artifacts import Artifact, ArtifactStore, Sealer, sha256_file
+from personanet.store.artifacts import Artifact, ArtifactStore, sha256_file
+from personanet.store.seal import Sealer
 
 if TYPE_CHECKING:
-    from personanet.store.crypto import MasterKey
+    from personanet.store.artifacts import ArtifactWriter
+    from personanet.store.keys import MasterKey
+
+log = logging.getLogger("personanet")
 
 
 @dataclass(frozen=True)
@@ -59,7 +66,7 @@ def fingerprint(stage: str, **identity: Any) -> str:
 
 def sealer_for(key: MasterKey) -> Sealer:
     """The manifest sealer of `key` (its MAC key is derived from the master key)."""
-    from personanet.store.crypto import manifest_seal_key
+    from personanet.store.keys import manifest_seal_key
 
     return Sealer(key.key_id, manifest_seal_key(key))
 
@@ -118,3 +125,72 @@ def find_reusable(store: ArtifactStore, stage: str, fp: str, *, force: bool) -> 
         return None
     check_plain_files(artifact)
     return StageResult.of(artifact, reused=True)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """What a stage is about to make, known before it makes it.
+
+    Attributes:
+        stage: the stage's name (`STAGES`).
+        fingerprint: `fingerprint(stage, ...)` of everything that determines the output;
+            an artifact with the same one is reused instead of written again.
+        inputs: how the manifest pins what was read (`Artifact.as_input()`, source files).
+        config: the config sections recorded in the manifest.
+        config_hash: the hash of those sections.
+        write: fills the new version: writes and `add`s its files and sets
+            `writer.figures`. Called only when nothing can be reused, under the lock.
+        seed: the seed recorded in the manifest, when the stage draws random numbers.
+        warnings: said with the result, reused or new (a `write` may append to them).
+    """
+
+    stage: str
+    fingerprint: str
+    inputs: list[dict[str, Any]]
+    config: dict[str, Any]
+    config_hash: str
+    write: Callable[[ArtifactWriter], None]
+    seed: int | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def run_stage(store: ArtifactStore, key: MasterKey, plan: Callable[[], StagePlan], *,
+              force: bool = False) -> StageResult:
+    """Run one stage: check the key, take the root's lock, plan, reuse or write, commit.
+
+    The root's lock is held for the whole stage, planning included: a second identical
+    command waits, then finds the first one's artifact and reuses it instead of doing the
+    work again (for train that would charge the privacy budget twice). The lock is
+    re-entrant, so `run` holds it across all the stages. `plan` reads its inputs and
+    computes the fingerprint; its `write` runs only when no identical artifact exists
+    (or `force`), inside a temporary version that appears only on commit.
+
+    Example::
+
+        def clean(config, store, key, *, force=False):
+            def plan() -> StagePlan:
+                source = store.get("collect")
+                def write(writer):
+                    tables.write_encrypted_parquet(writer.path(TRAIN_TABLE), frame, key)
+                    writer.add(TRAIN_TABLE, rows=frame.height, encrypted=True,
+                               key_id=key.key_id)
+                    writer.figures = asdict(report)
+                return StagePlan("clean", fingerprint("clean", input=source.version),
+                                 inputs=[source.as_input()], config=config.section("clean"),
+                                 config_hash=config.section_hash("clean"), write=write)
+            return run_stage(store, key, plan, force=force)
+    """
+    require_key(store, key)  # a root holds one master key: refuse another before any write
+    with store.lock():
+        planned = plan()
+        reused = find_reusable(store, planned.stage, planned.fingerprint, force=force)
+        if reused is not None:
+            log.info("%s: reusing %s (identical inputs and config)", planned.stage,
+                     reused.version)
+            return dataclasses.replace(reused, warnings=[*reused.warnings, *planned.warnings])
+        with store.create(planned.stage, fingerprint=planned.fingerprint,
+                          inputs=planned.inputs, config=planned.config,
+                          config_hash=planned.config_hash, seed=planned.seed) as writer:
+            planned.write(writer)
+            artifact = writer.commit()
+    return StageResult.of(artifact, reused=False, warnings=planned.warnings)

@@ -10,21 +10,22 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from personanet.config import Config
 from personanet.errors import BadInputError
-from personanet.stages.base import StageResult, find_reusable, require_key
+from personanet.sources import Source, open_sources
+from personanet.stages.base import StagePlan, StageResult, run_stage
+from personanet.stages.files import RECORDS
 from personanet.stages.lineage import collect_fingerprint
 from personanet.store import tables
-from personanet.store.artifacts import ArtifactStore, sha256_file
-from personanet.store.crypto import MasterKey
+from personanet.store.artifacts import ArtifactStore, ArtifactWriter
+from personanet.store.keys import MasterKey
 from personanet.ui import track
 
 log = logging.getLogger("personanet")
-
-RECORDS = "records.parquet.enc"
 
 
 @dataclass
@@ -57,31 +58,40 @@ def collect(config: Config, store: ArtifactStore, key: MasterKey, *,
     `dataset.source` (relative to the config file). An identical earlier
     artifact (same source bytes, same columns) is reused unless `force`.
     """
-    require_key(store, key)  # a root holds one master key: refuse another before any write
-    base = Path.cwd() if sources else config.base_dir
-    paths = tables.resolve_sources(sources or config.dataset.source, base=base)
-    files = [SourceFile(path=str(p.resolve()), sha256=sha256_file(p), bytes=p.stat().st_size)
-             for p in paths]
-    wanted = [name for name in config.columns]
-    fp = collect_fingerprint(config, [f.sha256 for f in files])
-    reusable = find_reusable(store, "collect", fp, force=force)
-    if reusable:
-        log.info("collect: reusing %s (identical sources and columns)", reusable.version)
-        return reusable
+    return run_stage(store, key, lambda: _plan(config, key, sources), force=force)
 
+
+def _plan(config: Config, key: MasterKey, sources: list[str] | None) -> StagePlan:
+    """What collect would write: identified by the sources' bytes and the columns."""
+    base = Path.cwd() if sources else config.base_dir
+    opened = open_sources(sources or config.dataset.source, config.source, base=base)
+    files = [SourceFile(**source.describe()) for source in opened]
+    fp = collect_fingerprint(config, [source.fingerprint() for source in opened])
+    return StagePlan(
+        "collect", fp, inputs=_inputs(files),
+        config={"dataset": config.section("dataset"), "columns": sorted(config.columns),
+                "source": config.section("source")},
+        config_hash=config.section_hash("dataset", "columns", "source"),
+        write=partial(_write, config, key, opened, files))
+
+
+def _write(config: Config, key: MasterKey, opened: list[Source], files: list[SourceFile],
+           writer: ArtifactWriter) -> None:
+    """Read every source, keep the configured columns, write them encrypted."""
     import polars as pl
 
     report = CollectReport(sources=files, key_id=key.key_id)
     frames = []
-    for source, path in zip(files, track(paths, "reading sources", len(paths)), strict=True):
-        frame = tables.read_source(path, config.source)
-        frame = _conform(frame, config, path, report)
-        source.rows = frame.height
+    for described, source in zip(files, track(opened, "reading sources", len(opened)),
+                                 strict=True):
+        frame = _conform(source.read(), config, source.name, report)
+        described.rows = frame.height
         frames.append(frame)
     records = pl.concat(frames, how="vertical") if len(frames) > 1 else frames[0]
     if records.height == 0:
         raise BadInputError(
-            f"{', '.join(str(p) for p in paths)}: no records (only a header?): nothing to collect"
+            f"{', '.join(source.name for source in opened)}: no records (only a header?): "
+            "nothing to collect"
         )
     report.rows = records.height
     report.columns = records.columns
@@ -90,26 +100,19 @@ def collect(config: Config, store: ArtifactStore, key: MasterKey, *,
         log.info("collect: %d source column(s) not in the config, not stored: %s (add "
                  "[columns.NAME] to keep one)", len(report.columns_dropped),
                  ", ".join(report.columns_dropped))
-    with store.lock():
-        reusable = find_reusable(store, "collect", fp, force=force)
-        if reusable:
-            return reusable
-        with store.create(
-            "collect", fingerprint=fp,
-            inputs=[{"source": [asdict(f) for f in files]}],
-            config={"dataset": config.section("dataset"), "columns": sorted(wanted),
-                    "source": config.section("source")},
-            config_hash=config.section_hash("dataset", "columns", "source"),
-        ) as writer:
-            tables.write_encrypted_parquet(writer.path(RECORDS), records, key)
-            writer.add(RECORDS, rows=records.height, encrypted=True, key_id=key.key_id)
-            writer.figures = _jsonable(report)
-            artifact = writer.commit()
-    log.info("collect: %d rows from %d file(s) -> %s", report.rows, len(files), artifact.version)
-    return StageResult.of(artifact, reused=False)
+    tables.write_encrypted_parquet(writer.path(RECORDS), records, key)
+    writer.add(RECORDS, rows=records.height, encrypted=True, key_id=key.key_id)
+    # The manifest lists each source's row count, known only now that it was read.
+    writer.manifest["inputs"] = _inputs(files)
+    writer.figures = asdict(report)
+    log.info("collect: %d rows from %d file(s) -> %s", report.rows, len(files), writer.version)
 
 
-def _conform(frame: Any, config: Config, path: Path, report: CollectReport) -> Any:
+def _inputs(files: list[SourceFile]) -> list[dict[str, Any]]:
+    return [{"source": [asdict(f) for f in files]}]
+
+
+def _conform(frame: Any, config: Config, source_name: str, report: CollectReport) -> Any:
     """Keep the configured columns in config order; refuse a missing required one."""
     import polars as pl
 
@@ -121,8 +124,8 @@ def _conform(frame: Any, config: Config, path: Path, report: CollectReport) -> A
             hint = (" (the file looks like it uses another delimiter: set [source] delimiter, "
                     "and has_header = false with column_names if it has no header)")
         raise BadInputError(
-            f"{path}: required column(s) {', '.join(missing)} missing from the source{hint}; "
-            "fix the export or set required = false in [columns.NAME]"
+            f"{source_name}: required column(s) {', '.join(missing)} missing from the "
+            f"source{hint}; fix the export or set required = false in [columns.NAME]"
         )
     for name in frame.columns:
         if name not in config.columns and name not in report.columns_dropped:
@@ -133,7 +136,3 @@ def _conform(frame: Any, config: Config, path: Path, report: CollectReport) -> A
     exprs = [pl.col(n) if n in present else pl.lit(None, dtype=pl.String).alias(n)
              for n in config.columns]
     return frame.select(exprs)
-
-
-def _jsonable(report: CollectReport) -> dict[str, Any]:
-    return asdict(report)

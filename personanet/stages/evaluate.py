@@ -11,8 +11,8 @@ model from being promoted and a person can read why.
 
 from __future__ import annotations
 
-import json
 import logging
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -20,16 +20,17 @@ import numpy as np
 from personanet.config import Config
 from personanet.errors import GateFailedError
 from personanet.stages.base import (
+    StagePlan,
     StageResult,
     check_plain_files,
-    find_reusable,
     fingerprint,
-    require_key,
+    run_stage,
 )
+from personanet.stages.files import METRICS, PRIVACY, REPORT, TEST_TABLE, TRAIN_TABLE
 from personanet.stages.lineage import chain_input
 from personanet.store import tables
-from personanet.store.artifacts import Artifact, ArtifactStore
-from personanet.store.crypto import MasterKey
+from personanet.store.artifacts import Artifact, ArtifactStore, ArtifactWriter
+from personanet.store.keys import MasterKey
 
 log = logging.getLogger("personanet")
 
@@ -43,19 +44,15 @@ def evaluate(config: Config, store: ArtifactStore, key: MasterKey, *,
     audit always uses the model's own training data as members, since only
     those rows were trained on.
     """
-    require_key(store, key)  # a root holds one master key: refuse another before any write
-    # One writer per artifact root for the whole stage: a second identical command waits
-    # (then reuses the first one's artifact) instead of redoing the work, which for
-    # train would charge the privacy budget twice.
-    with store.lock():
-        return _evaluate_locked(config, store, key, model_version=model_version,
-                                 input_version=input_version, force=force)
+    result = run_stage(store, key, lambda: _plan(config, store, key, model_version=model_version,
+                                                 input_version=input_version), force=force)
+    _raise_on_failed_gates(result)
+    return result
 
 
-def _evaluate_locked(config: Config, store: ArtifactStore, key: MasterKey, *,
-                     model_version: str | None = None, input_version: str | None = None,
-                     force: bool = False) -> StageResult:
-    """The stage itself, under the root's lock."""
+def _plan(config: Config, store: ArtifactStore, key: MasterKey, *, model_version: str | None,
+          input_version: str | None) -> StagePlan:
+    """What evaluate would write: identified by the model, the data and the settings."""
     # Without --model: the model the current config's chain made (what `run` would score),
     # never the newest, which may be another config's. Its plaintext files (weights,
     # encoder, privacy claim) are checked against the sealed manifest before any is used.
@@ -69,32 +66,28 @@ def _evaluate_locked(config: Config, store: ArtifactStore, key: MasterKey, *,
     fp = fingerprint("evaluate", model=model_artifact.version, input=clean_artifact.version,
                      config=config.section_hash("evaluate"), sensitive=sensitive,
                      groups=_group_definitions(config, sensitive))
-    reusable = find_reusable(store, "evaluate", fp, force=force)
-    if reusable:
-        log.info("evaluate: reusing %s", reusable.version)
-        _raise_on_failed_gates(reusable)
-        return reusable
+    return StagePlan(
+        "evaluate", fp, inputs=[model_artifact.as_input(), clean_artifact.as_input()],
+        config={"evaluate": config.section("evaluate"), "sensitive": sensitive},
+        config_hash=config.section_hash("evaluate"), seed=config.evaluate.seed,
+        write=partial(_write, config, key, model_artifact, clean_artifact, member_artifact,
+                      sensitive))
+
+
+def _write(config: Config, key: MasterKey, model_artifact: Artifact, clean_artifact: Artifact,
+           member_artifact: Artifact, sensitive: list[str], writer: ArtifactWriter) -> None:
+    """Score, audit, and write the metrics, the report and its plots."""
+    from personanet.reporting import report
+    from personanet.reporting.plots import write_plots
 
     metrics, curves = compute_metrics(config, key, model_artifact, clean_artifact,
                                       member_artifact, sensitive=sensitive)
-    from personanet.reporting import report
-
-    with store.lock(), store.create(
-        "evaluate", fingerprint=fp,
-        inputs=[model_artifact.as_input(), clean_artifact.as_input()],
-        config={"evaluate": config.section("evaluate"), "sensitive": sensitive},
-        config_hash=config.section_hash("evaluate"), seed=config.evaluate.seed,
-    ) as writer:
-        plots = report.write_plots(writer.tmp, task=metrics["task"], **curves)
-        for name in plots:
-            writer.add(name)
-        writer.write_json("metrics.json", metrics)
-        writer.write_bytes("report.md", report.render_markdown(metrics, figures=plots).encode())
-        writer.figures = _figures(metrics)
-        artifact = writer.commit()
-    result = StageResult.of(artifact, reused=False)
-    _raise_on_failed_gates(result)
-    return result
+    plots = write_plots(writer.tmp, task=metrics["task"], **curves)
+    for name in plots:
+        writer.add(name)
+    writer.write_json(METRICS, metrics)
+    writer.write_bytes(REPORT, report.render_markdown(metrics, figures=plots).encode())
+    writer.figures = _figures(metrics)
 
 
 def _trained_on(model_artifact: Artifact) -> str:
@@ -110,21 +103,30 @@ def compute_metrics(config: Config, key: MasterKey, model_artifact: Artifact,
                     clean_artifact: Artifact, member_artifact: Artifact, *,
                     sensitive: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """metrics.json's content, and the curves the plots are drawn from."""
-    from personanet.models.tabular import load_model, predict_frame
-    from personanet.privacy import audit as mia
+    from personanet.models import load_model, predict_frame
+    from personanet.privacy.audit import attack_roc_curve, membership_inference_audit
+    from personanet.privacy.record import PrivacyRecord
     from personanet.reporting import groups as fairness
-    from personanet.reporting import metrics as m
     from personanet.reporting import report
+    from personanet.reporting.metrics import (
+        bootstrap_cis,
+        calibration_curve,
+        classification_metrics,
+        group_metrics,
+        group_regression_metrics,
+        regression_metrics,
+        roc_curve,
+    )
 
     model, encoder = load_model(model_artifact.path)
-    privacy = json.loads(model_artifact.file("privacy.json").read_text("utf-8"))
+    privacy = PrivacyRecord.read(model_artifact.file(PRIVACY))
     ev = config.evaluate
-    test = tables.read_artifact_table(clean_artifact, "test.parquet.enc", key)
-    members = tables.read_artifact_table(member_artifact, "train.parquet.enc", key)
+    test = tables.read_artifact_table(clean_artifact, TEST_TABLE, key)
+    members = tables.read_artifact_table(member_artifact, TRAIN_TABLE, key)
     if clean_artifact.version == member_artifact.version:
         nonmembers = test
     else:
-        nonmembers = tables.read_artifact_table(member_artifact, "test.parquet.enc", key)
+        nonmembers = tables.read_artifact_table(member_artifact, TEST_TABLE, key)
 
     batch = config.predict.batch_size
     target = encoder.transform(test).target
@@ -150,23 +152,23 @@ def compute_metrics(config: Config, key: MasterKey, model_artifact: Artifact,
     curves: dict[str, Any] = {}
     if encoder.task == "regression":
         y_units = encoder.unscale_target(y)
-        overall = m.regression_metrics(y_units, out)
-        intervals = m.bootstrap_cis(m.regression_metrics, y_units, out,
-                                    n_resamples=ev.bootstrap, seed=ev.seed)
-        groups = m.group_regression_metrics(groups_input, y_units, out, order=group_order,
-                                            min_group_size=min_group_size)
+        overall = regression_metrics(y_units, out)
+        intervals = bootstrap_cis(regression_metrics, y_units, out,
+                                  n_resamples=ev.bootstrap, seed=ev.seed)
+        groups = group_regression_metrics(groups_input, y_units, out, order=group_order,
+                                          min_group_size=min_group_size)
         task = "regression"
     else:
         classes = encoder.target_classes
         y = y.astype(np.int64)
-        overall = m.classification_metrics(y, out, classes=classes)
-        intervals = m.bootstrap_cis(lambda a, b: m.classification_metrics(a, b, classes=classes),
-                                    y, out, n_resamples=ev.bootstrap, seed=ev.seed)
-        groups = m.group_metrics(groups_input, y, out, classes, order=group_order,
-                                 min_group_size=min_group_size)
+        overall = classification_metrics(y, out, classes=classes)
+        intervals = bootstrap_cis(lambda a, b: classification_metrics(a, b, classes=classes),
+                                  y, out, n_resamples=ev.bootstrap, seed=ev.seed)
+        groups = group_metrics(groups_input, y, out, classes, order=group_order,
+                               min_group_size=min_group_size)
         if len(classes) == 2:
-            curves["roc"] = m.roc_curve(y == 1, out[:, 1])[:2]
-        curves["calibration"] = m.calibration_curve(y, out)
+            curves["roc"] = roc_curve(y == 1, out[:, 1])[:2]
+        curves["calibration"] = calibration_curve(y, out)
         task = "classification"
     for name, g in groupings.items():
         groups[name]["grouping"] = g.to_json()
@@ -176,18 +178,17 @@ def compute_metrics(config: Config, key: MasterKey, model_artifact: Artifact,
     if ev.audit:
         member_loss, member_class = _per_example_loss(model, encoder, members, batch)
         nonmember_loss, nonmember_class = _per_example_loss(model, encoder, nonmembers, batch)
-        private = bool(privacy.get("private"))
         # Calibrating each loss by its class's typical non-member loss (fitted on the
         # threshold half only) removes "this class is just harder", which a global
         # threshold mistakes for membership.
         strata = ({"member_strata": member_class, "nonmember_strata": nonmember_class}
                   if encoder.task != "regression" else {})
-        result = mia.membership_inference_audit(
-            member_loss, nonmember_loss, delta=float(privacy.get("delta") or config.train.delta),
-            epsilon_claimed=float(privacy["epsilon"]) if private else None, seed=ev.seed,
+        result = membership_inference_audit(
+            member_loss, nonmember_loss, delta=float(privacy.delta or config.train.delta),
+            epsilon_claimed=privacy.epsilon if privacy.private else None, seed=ev.seed,
             **strata)
         audit_json = result.to_json()
-        curves["attack_roc"] = mia.attack_roc_curve(member_loss, nonmember_loss)
+        curves["attack_roc"] = attack_roc_curve(member_loss, nonmember_loss)
 
     gates = report.build_gates(overall=overall, groups=groups, audit=audit_json,
                                min_accuracy=ev.min_accuracy, max_group_gap=ev.max_group_gap,
@@ -195,14 +196,15 @@ def compute_metrics(config: Config, key: MasterKey, model_artifact: Artifact,
     metrics = {
         "schema": report.SCHEMA_VERSION,
         "task": task,
-        "model": {"version": model_artifact.version, "private": bool(privacy.get("private")),
-                  "epsilon": privacy.get("epsilon") if privacy.get("private") else None,
-                  "delta": privacy.get("delta") if privacy.get("private") else None,
+        "model": {"version": model_artifact.version, "private": privacy.private,
+                  "epsilon": privacy.epsilon if privacy.private else None,
+                  "delta": privacy.delta if privacy.private else None,
                   "privacy_unit": config.dataset.privacy_unit,
                   "max_rows_per_unit": config.clean.max_rows_per_unit,
                   "target": encoder.target_name,
-                  **{k: privacy.get(k) for k in ("noise_multiplier", "sample_rate", "steps",
-                                                 "accountant")}},
+                  "noise_multiplier": privacy.noise_multiplier,
+                  "sample_rate": privacy.sample_rate, "steps": privacy.steps,
+                  "accountant": privacy.accountant},
         "data": {"test_version": clean_artifact.version, "n_test": int(len(y)),
                  "n_test_unlabelled": int((~labelled).sum()),
                  "n_members": int(members.height), "n_nonmembers": int(nonmembers.height)},
@@ -234,9 +236,10 @@ def _per_example_loss(model: Any, encoder: Any, frame: Any, batch_size: int
     """
     import torch
 
-    from personanet.models.tabular import PersonaLoss
+    from personanet.models import family_of
 
-    criterion = PersonaLoss(encoder.task, reduction="none")
+    family = family_of(model)
+    criterion = family.loss(encoder.task, reduction="none")
     device = next(model.parameters()).device
     losses, targets = [], []
     model.eval()
@@ -246,10 +249,10 @@ def _per_example_loss(model: Any, encoder: Any, frame: Any, batch_size: int
             keep = batch.labelled
             if not keep.any():
                 continue
-            categorical, numeric, target = batch.select(keep).tensors(device)
-            logits = model(categorical, numeric).double()
-            losses.append(criterion(logits, target).cpu().numpy())
-            targets.append(target.cpu().numpy())
+            tensors = batch.select(keep).tensors(device)
+            logits = model(**family.inputs(tensors)).double()
+            losses.append(criterion(logits, tensors["target"]).cpu().numpy())
+            targets.append(tensors["target"].cpu().numpy())
     if not losses:
         return np.zeros(0), np.zeros(0)
     return np.concatenate(losses), np.concatenate(targets)
@@ -287,5 +290,5 @@ def _raise_on_failed_gates(result: StageResult) -> None:
     failed = result.figures.get("gates_failed") or []
     if failed:
         raise GateFailedError(f"gate(s) failed: {', '.join(failed)}; the model must not be "
-                              f"promoted (report: {result.path}/report.md)",
+                              f"promoted (report: {result.path}/{REPORT})",
                               payload=result.to_json())

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
-import secrets
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +19,13 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from personanet.errors import InputMissingError, OutputError, UsageError
 from personanet.store import tables
+from personanet.store.fsutil import atomic_write_bytes
 
 if TYPE_CHECKING:
     import polars as pl
 
     from personanet.store.artifacts import Artifact
-    from personanet.store.crypto import MasterKey
+    from personanet.store.keys import MasterKey
 
 log = logging.getLogger("personanet")
 
@@ -79,8 +78,7 @@ def export_table(artifact: Artifact, name: str, key: MasterKey, output: str | Pa
         )
     target = None if str(output) == STDOUT else Path(output)
     if target is not None and (target.exists() or target.is_symlink()):
-        raise OutputError(f"{target} exists: export never overwrites; remove it or pick "
-                          "another --output")
+        raise _exists(target)
     plaintext = tables.read_artifact_bytes(artifact, name, key)
     data, rows = _convert(plaintext, name, fmt)
     if target is None:
@@ -88,7 +86,13 @@ def export_table(artifact: Artifact, name: str, key: MasterKey, output: str | Pa
         out.write(data)
         out.flush()
     else:
-        write_new_file(target, data)
+        # Exclusive: a file that appeared since the check above is not overwritten either.
+        try:
+            atomic_write_bytes(target, data, mode=0o600, exclusive=True)
+        except OutputError:
+            if target.exists():
+                raise _exists(target) from None
+            raise
     report = ExportReport(version=artifact.version, stage=artifact.stage, file=name,
                           output=str(output), format=fmt, rows=rows, bytes=len(data))
     log.info("export: wrote %s (%d rows) of %s %s in plaintext to %s", name, rows,
@@ -136,28 +140,6 @@ def read_table_bytes(plaintext: bytes, name: str) -> pl.DataFrame:
     return pl.read_csv(io.BytesIO(plaintext), infer_schema_length=None)
 
 
-def write_new_file(path: Path, data: bytes) -> None:
-    """Write `data` to `path`, which must not exist: all or nothing, 0600.
-
-    The bytes go to a private temporary file, fsynced, then hard-linked to `path`: the
-    link fails if `path` appeared meanwhile (no overwrite, even in a race), and a crash
-    never leaves a half-written `path`.
-    """
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(6)}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    try:
-        with open(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.link(tmp, path)
-    except FileExistsError:
-        raise OutputError(f"{path} exists: export never overwrites; remove it or pick "
-                          "another --output") from None
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+def _exists(target: Path) -> OutputError:
+    return OutputError(f"{target} exists: export never overwrites; remove it or pick "
+                       "another --output")

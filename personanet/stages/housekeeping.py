@@ -21,7 +21,6 @@ from personanet.stages.base import sealer_for
 from personanet.store import crypto
 from personanet.store.artifacts import (
     MANIFEST,
-    SEAL,
     STAGES,
     Artifact,
     ArtifactStore,
@@ -29,6 +28,10 @@ from personanet.store.artifacts import (
     utc_now,
     verify_checksums,
 )
+from personanet.store.crypto_header import read_header
+from personanet.store.fsutil import atomic_write_bytes
+from personanet.store.keys import MasterKey
+from personanet.store.seal import SEAL
 
 log = logging.getLogger("personanet")
 
@@ -56,7 +59,7 @@ class VerifyReport:
     bytes_checked: int = 0
 
 
-def verify(stores: Iterable[ArtifactStore], key: crypto.MasterKey | None, *,
+def verify(stores: Iterable[ArtifactStore], key: MasterKey | None, *,
            version: str | None = None) -> VerifyReport:
     """sha256 of every file against its manifest, and every encrypted file authenticated
     end to end with `key` (like `restic check --read-data`).
@@ -82,7 +85,7 @@ def verify(stores: Iterable[ArtifactStore], key: crypto.MasterKey | None, *,
     return report
 
 
-def _check_files(artifact: Artifact, key: crypto.MasterKey, report: VerifyReport) -> None:
+def _check_files(artifact: Artifact, key: MasterKey, report: VerifyReport) -> None:
     """sha256 of every file against the manifest; every encrypted file authenticated."""
     verify_checksums(artifact)
     for out in artifact.manifest.get("outputs", []):
@@ -107,7 +110,7 @@ class SealReport:
     already_sealed: int = 0
 
 
-def seal(stores: Iterable[ArtifactStore], key: crypto.MasterKey) -> SealReport:
+def seal(stores: Iterable[ArtifactStore], key: MasterKey) -> SealReport:
     """Adopt manifests written before manifests were sealed: check each, then seal it.
 
     An unsealed manifest is refused everywhere else, since deleting a seal must not be a
@@ -208,7 +211,7 @@ class RotationReport:
     manifests_updated: int = 0
 
 
-def rotate(root: Path, old: crypto.MasterKey, new: crypto.MasterKey, *,
+def rotate(root: Path, old: MasterKey, new: MasterKey, *,
            lock_timeout: float) -> RotationReport:
     """Re-wrap every data key under `new` without re-encrypting any payload.
 
@@ -233,7 +236,7 @@ def rotate(root: Path, old: crypto.MasterKey, new: crypto.MasterKey, *,
     return report
 
 
-def _rotate_artifact(artifact: Artifact, old: crypto.MasterKey, new: crypto.MasterKey,
+def _rotate_artifact(artifact: Artifact, old: MasterKey, new: MasterKey,
                      report: RotationReport) -> None:
     where = artifact.path / MANIFEST
     manifest = json.loads(where.read_text("utf-8"))
@@ -247,7 +250,7 @@ def _rotate_artifact(artifact: Artifact, old: crypto.MasterKey, new: crypto.Mast
         if not out.get("encrypted"):
             continue
         path = artifact.path / out["name"]
-        header = crypto.read_header(path)
+        header = read_header(path)
         if header.key_id == new.key_id:
             report.files_already_rotated += 1
         elif header.key_id == old.key_id:
@@ -268,13 +271,7 @@ def _rotate_artifact(artifact: Artifact, old: crypto.MasterKey, new: crypto.Mast
 
 
 def _replace_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(value, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _append_rotation_log(store: ArtifactStore, report: RotationReport) -> None:

@@ -15,7 +15,7 @@ from personanet.config import Config
 from personanet.errors import PersonaNetError, UsageError
 from personanet.stages.base import StageResult
 from personanet.store.artifacts import STAGES, ArtifactStore
-from personanet.store.crypto import MasterKey
+from personanet.store.keys import MasterKey
 
 log = logging.getLogger("personanet")
 

@@ -10,39 +10,38 @@ when the user asks for one explicitly (`--output PATH --plaintext-output`).
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-import os
 import shutil
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from personanet.config import Config, SourceConfig
 from personanet.errors import BadInputError, InternalError, OutputError, UsageError
+from personanet.privacy.record import PrivacyRecord
+from personanet.sources import Source, open_sources
 from personanet.stages.base import (
+    StagePlan,
     StageResult,
     check_plain_files,
-    find_reusable,
     fingerprint,
-    require_key,
+    run_stage,
 )
+from personanet.stages.files import PREDICTIONS, PRIVACY, REJECTS, TEST_TABLE
 from personanet.stages.lineage import chain_input
 from personanet.store import crypto, tables
-from personanet.store.artifacts import Artifact, ArtifactStore, sha256_file
+from personanet.store.artifacts import Artifact, ArtifactStore, ArtifactWriter
+from personanet.store.fsutil import atomic_write
+from personanet.store.keys import MasterKey
 from personanet.ui import progress
 
 if TYPE_CHECKING:
     import polars as pl
 
 log = logging.getLogger("personanet")
-
-PREDICTIONS = "predictions.csv.enc"
-REJECTS = "rejects.csv.enc"
-
 
 @dataclass
 class PredictReport:
@@ -61,7 +60,7 @@ class PredictReport:
     columns_dropped: list[str] = field(default_factory=list)
 
 
-def predict(config: Config, store: ArtifactStore, key: crypto.MasterKey, *,
+def predict(config: Config, store: ArtifactStore, key: MasterKey, *,
             source: str | None = None, clean_version: str | None = None,
             model_version: str | None = None, output: Path | None = None,
             plaintext_output: bool = False, device: str | None = None,
@@ -74,22 +73,21 @@ def predict(config: Config, store: ArtifactStore, key: crypto.MasterKey, *,
     (UsageError, exit 2) before any work: nothing could read it as a CSV.
     """
     check_output_name(output, plaintext_output=plaintext_output)
-    require_key(store, key)  # a root holds one master key: refuse another before any write
-    # One writer per artifact root for the whole stage: a second identical command waits
-    # (then reuses the first one's artifact) instead of redoing the work, which for
-    # train would charge the privacy budget twice.
+    # The copy to `output` is part of the stage: it is made under the same lock.
     with store.lock():
-        return _predict_locked(config, store, key, source=source, clean_version=clean_version,
-                                model_version=model_version, output=output,
-                                plaintext_output=plaintext_output, device=device, force=force)
+        result = run_stage(store, key, lambda: _plan(
+            config, store, source=source, clean_version=clean_version,
+            model_version=model_version, output=output, plaintext_output=plaintext_output,
+            key=key, device=device), force=force)
+        if output is not None:
+            _export(result.path / PREDICTIONS, output, key, plaintext=plaintext_output)
+    return result
 
 
-def _predict_locked(config: Config, store: ArtifactStore, key: crypto.MasterKey, *,
-                    source: str | None = None, clean_version: str | None = None,
-                    model_version: str | None = None, output: Path | None = None,
-                    plaintext_output: bool = False, device: str | None = None,
-                    force: bool = False) -> StageResult:
-    """The stage itself, under the root's lock."""
+def _plan(config: Config, store: ArtifactStore, *, source: str | None,
+          clean_version: str | None, model_version: str | None, output: Path | None,
+          plaintext_output: bool, key: MasterKey, device: str | None) -> StagePlan:
+    """What predict would write: identified by the model, the input's bytes and the rules."""
     if plaintext_output and output is None:
         raise UsageError("--plaintext-output needs --output PATH")
     # Without --model: the current config's chain's model, never merely the newest; its
@@ -97,65 +95,64 @@ def _predict_locked(config: Config, store: ArtifactStore, key: crypto.MasterKey,
     model_artifact, warnings = ((store.get("train", model_version), []) if model_version
                                 else chain_input(config, store, "train", reader="predict"))
     check_plain_files(model_artifact)
-    privacy = json.loads(model_artifact.file("privacy.json").read_text("utf-8"))
-    if not privacy.get("private"):
+    privacy = PrivacyRecord.read(model_artifact.file(PRIVACY))
+    if not privacy.private:
         warnings.append(f"model {model_artifact.version} was trained without differential "
                         "privacy (--no-dp): its predictions carry no privacy guarantee")
         log.warning(warnings[-1])
 
     clean_artifact = store.get("clean", clean_version) if clean_version else None
-    source_path = None if clean_artifact else _source_path(config, source)
+    source_file = None if clean_artifact else _input_source(config, source)
+    # Where the file lies is not part of what it holds: a moved file is the same input.
     identity = ({"clean": clean_artifact.version} if clean_artifact
-                else {"sha256": sha256_file(source_path), "bytes": source_path.stat().st_size})
+                else {k: v for k, v in source_file.describe().items() if k != "path"})
     # How the input is read ([source]) is part of the identity; the default adds nothing.
     read = {} if config.source == SourceConfig() else {"read": config.section("source")}
     fp = fingerprint("predict", model=model_artifact.version, input=identity,
                      config=config.section_hash("columns", "clean"), **read)
-    reusable = find_reusable(store, "predict", fp, force=force)
-    if reusable:
-        log.info("predict: reusing %s", reusable.version)
-        if output is not None:
-            _export(reusable.path / PREDICTIONS, output, key, plaintext=plaintext_output)
-        return dataclasses.replace(reusable, warnings=warnings)
+    inputs: list[dict[str, Any]] = [model_artifact.as_input()]
+    inputs.append(clean_artifact.as_input() if clean_artifact
+                  else {"source": [source_file.describe()]})
+    return StagePlan(
+        "predict", fp, inputs=inputs,
+        config={"columns": config.section("columns"), "predict": config.section("predict")},
+        config_hash=config.section_hash("columns", "clean"), warnings=warnings,
+        write=partial(_write, config, key, model_artifact=model_artifact,
+                      clean_artifact=clean_artifact, source_file=source_file,
+                      private=privacy.private, device=device, warnings=warnings))
 
-    from personanet.models.tabular import load_model
+
+def _write(config: Config, key: MasterKey, writer: ArtifactWriter, *,
+           model_artifact: Artifact, clean_artifact: Artifact | None,
+           source_file: Source | None, private: bool, device: str | None,
+           warnings: list[str]) -> None:
+    """Score every batch into the encrypted predictions and rejects."""
+    from personanet.models import load_model
     from personanet.privacy.pseudonym import pseudonym_key
-    from personanet.stages.train import resolve_device
+    from personanet.training.devices import resolve_device
 
     model, encoder = load_model(model_artifact.path)
     torch_device = resolve_device(device or config.train.device)
     model.to(torch_device)
     report = PredictReport(model_version=model_artifact.version,
-                           model_private=bool(privacy.get("private")), device=str(torch_device),
+                           model_private=private, device=str(torch_device),
                            input=f"clean:{clean_artifact.version}" if clean_artifact
-                           else str(source_path))
-    inputs: list[dict[str, Any]] = [model_artifact.as_input()]
-    inputs.append(clean_artifact.as_input() if clean_artifact
-                  else {"source": [{"path": str(source_path), **identity}]})
-    with store.lock(), store.create(
-        "predict", fingerprint=fp, inputs=inputs,
-        config={"columns": config.section("columns"), "predict": config.section("predict")},
-        config_hash=config.section_hash("columns", "clean"),
-    ) as writer:
-        batches = (_clean_batches(clean_artifact, key, config.predict.batch_size) if clean_artifact
-                   else _file_batches(source_path, config, key, config.predict.batch_size))
-        with open(writer.path(PREDICTIONS), "wb") as pred_fh, \
-                open(writer.path(REJECTS), "wb") as rej_fh, \
-                crypto.EncryptingWriter(pred_fh, key) as pred_out, \
-                crypto.EncryptingWriter(rej_fh, key) as rej_out:
-            _score(batches, model, encoder, config, report, pred_out, rej_out,
-                   pseudonym_key=pseudonym_key(key))
-        writer.add(PREDICTIONS, rows=report.rows_scored, encrypted=True, key_id=key.key_id)
-        writer.add(REJECTS, rows=report.rows_rejected, encrypted=True, key_id=key.key_id)
-        writer.figures = asdict(report)
-        if not report.model_private:
-            writer.figures["warning"] = warnings[0]
-        artifact = writer.commit()
+                           else source_file.name)
+    batches = (_clean_batches(clean_artifact, key, config.predict.batch_size) if clean_artifact
+               else _source_batches(source_file, config.predict.batch_size))
+    with open(writer.path(PREDICTIONS), "wb") as pred_fh, \
+            open(writer.path(REJECTS), "wb") as rej_fh, \
+            crypto.EncryptingWriter(pred_fh, key) as pred_out, \
+            crypto.EncryptingWriter(rej_fh, key) as rej_out:
+        _score(batches, model, encoder, config, report, pred_out, rej_out,
+               pseudonym_key=pseudonym_key(key))
+    writer.add(PREDICTIONS, rows=report.rows_scored, encrypted=True, key_id=key.key_id)
+    writer.add(REJECTS, rows=report.rows_rejected, encrypted=True, key_id=key.key_id)
+    writer.figures = asdict(report)
+    if not report.model_private:
+        writer.figures["warning"] = warnings[0]
     log.info("predict: %d scored, %d rejected -> %s", report.rows_scored, report.rows_rejected,
-             artifact.version)
-    if output is not None:
-        _export(artifact.path / PREDICTIONS, output, key, plaintext=plaintext_output)
-    return StageResult.of(artifact, reused=False, warnings=warnings)
+             writer.version)
 
 
 # ----------------------------------------------------------------------- inputs
@@ -170,37 +167,38 @@ class _Batch:
     prepared: bool
 
 
-def _source_path(config: Config, source: str | None) -> Path:
+def _input_source(config: Config, source: str | None) -> Source:
+    """The one source to score: `--input`, else `predict.source`, read with `[source]`."""
     if source is not None:
-        paths = tables.resolve_sources([source], base=Path.cwd())
+        sources = open_sources([source], config.source, base=Path.cwd())
     elif config.predict.source:
-        paths = tables.resolve_sources([config.predict.source], base=config.base_dir)
+        sources = open_sources([config.predict.source], config.source, base=config.base_dir)
     else:
         from personanet.errors import InputMissingError
 
         raise InputMissingError("nothing to score: pass --input FILE or --clean VERSION, or set "
                                 "predict.source in the config")
-    if len(paths) != 1:
-        raise BadInputError(f"predict scores one file at a time; {source!r} matches {len(paths)}")
-    return paths[0]
+    if len(sources) != 1:
+        raise BadInputError(f"predict scores one file at a time; {source!r} matches "
+                            f"{len(sources)}")
+    return sources[0]
 
 
-def _file_batches(path: Path, config: Config, key: crypto.MasterKey, batch_size: int
-                  ) -> Iterator[_Batch]:
-    """Stream a file in batches of text columns, read with the config's [source] options
+def _source_batches(source: Source, batch_size: int) -> Iterator[_Batch]:
+    """Stream a source in batches of text columns, read with the config's [source] options
     exactly as collect reads its sources."""
     offset = 0
-    for frame in tables.source_batches(path, config.source, batch_size=batch_size):
+    for frame in source.batches(batch_size):
         yield _Batch(frame, offset, prepared=False)
         offset += frame.height
     if offset == 0:
-        raise BadInputError(f"{path}: no records to score (only a header?)")
+        raise BadInputError(f"{source.name}: no records to score (only a header?)")
 
 
-def _clean_batches(artifact: Artifact, key: crypto.MasterKey, batch_size: int
+def _clean_batches(artifact: Artifact, key: MasterKey, batch_size: int
                    ) -> Iterator[_Batch]:
     """A clean artifact's test split is already clean: no rules are applied twice."""
-    frame = tables.read_artifact_table(artifact, "test.parquet.enc", key)
+    frame = tables.read_artifact_table(artifact, TEST_TABLE, key)
     for offset in range(0, frame.height, batch_size):
         yield _Batch(frame.slice(offset, batch_size), offset, prepared=True)
 
@@ -214,8 +212,8 @@ def _score(batches: Iterator[_Batch], model: Any, encoder: Any, config: Config,
     """Score every batch, writing predictions and rejects as they come (flat memory)."""
     import polars as pl
 
-    from personanet.models.tabular import predict_frame
-    from personanet.stages.clean import prepare_rows
+    from personanet.cleaning.rows import prepare_rows
+    from personanet.models import predict_frame
 
     identifiers = [c.name for c in config.identifiers()]
     classes = encoder.target_classes if encoder.task != "regression" else []
@@ -293,11 +291,11 @@ def check_output_name(output: Path | None, *, plaintext_output: bool) -> None:
             f"--output {output} ends in {suffix} but would hold encrypted bytes: add "
             "--plaintext-output for a plaintext table, or name it "
             f"{Path(output).name}.enc for an encrypted copy (`personanet artifacts export "
-            "VERSION predictions.csv.enc` decrypts the artifact's own later)"
+            f"VERSION {PREDICTIONS}` decrypts the artifact's own later)"
         )
 
 
-def _export(encrypted: Path, output: Path, key: crypto.MasterKey, *, plaintext: bool) -> None:
+def _export(encrypted: Path, output: Path, key: MasterKey, *, plaintext: bool) -> None:
     """Copy the predictions to `output`: ciphertext, or plaintext only when asked (Parquet
     for a .parquet/.pq name, else CSV)."""
     output = Path(output)
@@ -308,32 +306,23 @@ def _export(encrypted: Path, output: Path, key: crypto.MasterKey, *, plaintext: 
         elif plaintext:
             crypto.decrypt_file_to(encrypted, output, key)
         else:
-            tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-            shutil.copyfile(encrypted, tmp)
-            os.replace(tmp, output)
+            with open(encrypted, "rb") as src, atomic_write(output, mode=0o644) as dst:
+                shutil.copyfileobj(src, dst)
     except OSError as exc:
         raise OutputError(f"cannot write {output}: {exc.strerror}") from exc
     log.info("predict: wrote %s copy to %s", "plaintext" if plaintext else "encrypted", output)
 
 
 def _write_plaintext_parquet(csv_bytes: bytes, output: Path) -> None:
-    """The predictions as Parquet under the name that promises it: 0600, temp + rename."""
+    """The predictions as Parquet under the name that promises it: 0600, all or nothing."""
     from personanet.stages.export import read_table_bytes
 
     frame = read_table_bytes(csv_bytes, PREDICTIONS)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with open(fd, "wb") as fh:
-            frame.write_parquet(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(output, mode=0o600) as fh:
+        frame.write_parquet(fh)
 
 
-def read_predictions(artifact: Artifact, key: crypto.MasterKey, name: str = PREDICTIONS
+def read_predictions(artifact: Artifact, key: MasterKey, name: str = PREDICTIONS
                      ) -> pl.DataFrame:
     """A predict artifact's predictions (or rejects) decrypted in memory."""
     import io

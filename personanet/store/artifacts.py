@@ -1,4 +1,4 @@
-"""The versioned artifact store: versions, manifests, atomic writes, one writer.
+"""The versioned artifact store: versions, manifests, and their one writer at a time.
 
 Layout: ``<root>/<dataset>/<stage>/<version>/manifest.json`` plus the stage's
 files. This module knows versions and manifests and nothing of models or data
@@ -11,19 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import errno
-import fcntl
 import hashlib
-import hmac
 import json
-import os
 import platform
 import secrets
 import shutil
 import subprocess
-import threading
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import metadata
@@ -34,22 +27,17 @@ from personanet import __version__
 from personanet.errors import (
     InputMissingError,
     IntegrityError,
-    KeyAccessError,
-    LockBusyError,
     OutputError,
     UsageError,
 )
+from personanet.store.fsutil import TMP_PREFIX, fsync_path, hold_lock, publish_folder
+from personanet.store.seal import SEAL, Sealer
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "personanet.manifest/1"
 STAGES = ("collect", "clean", "train", "evaluate", "predict")
 LOCK_FILE = ".personanet.lock"
-TMP_PREFIX = ".tmp-"
 DEFAULT_LOCK_TIMEOUT = 60.0
-SEAL = "seal"
-SEAL_ALGORITHM = "HMAC-SHA256"
-ADOPT_HINT = ("check and adopt the root with `personanet artifacts seal` (it authenticates "
-              "every file first)")
 
 
 def sha256_file(path: Path) -> str:
@@ -98,67 +86,6 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@dataclass(frozen=True)
-class Sealer:
-    """Seals manifests with HMAC-SHA256 and checks their seals.
-
-    A manifest is plaintext (it must be readable without the key to list and garbage-
-    collect), but everything in it, the sha256 of every file included, is what a reader
-    trusts. The seal makes any edit detectable by whoever holds the master key, so a
-    forged `privacy.json` cannot come with a forged checksum.
-
-    Attributes:
-        key_id: public id of the master key the MAC key was derived from; it stands in the
-            seal so that a manifest sealed under another key reads as "wrong key" (77).
-        mac_key: the secret MAC key (`MasterKey.derive("manifest-seal")`); never logged.
-    """
-
-    key_id: str
-    mac_key: bytes = field(repr=False)
-
-    def mac(self, manifest: dict[str, Any]) -> str:
-        body = {k: v for k, v in manifest.items() if k != SEAL}
-        canonical = json.dumps({"key_id": self.key_id, "manifest": body}, sort_keys=True,
-                               separators=(",", ":"), ensure_ascii=True)
-        return hmac.new(self.mac_key, canonical.encode("ascii"), hashlib.sha256).hexdigest()
-
-    def seal(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        """The manifest with a fresh seal (any old seal replaced)."""
-        # Sealed as it will read back from disk (tuples as lists, keys as strings), so the
-        # MAC computed now is the MAC a reader computes.
-        body = json.loads(json.dumps({k: v for k, v in manifest.items() if k != SEAL}))
-        return {**body, SEAL: {"algorithm": SEAL_ALGORITHM, "key_id": self.key_id,
-                               "mac": self.mac(body)}}
-
-    def check(self, manifest: dict[str, Any], where: Path) -> None:
-        """IntegrityError (65) for a missing or wrong seal; KeyAccessError (77) for another key.
-
-        An unsealed manifest is refused, not accepted: deleting the seal must not be a way
-        around it. Manifests written before seals existed are adopted explicitly.
-        """
-        seal = manifest.get(SEAL)
-        if not isinstance(seal, dict) or not isinstance(seal.get("mac"), str):
-            raise IntegrityError(f"{where}: manifest is not sealed (written by an older "
-                                 f"personanet, or its seal was removed): {ADOPT_HINT}")
-        if seal.get("key_id") != self.key_id:
-            raise KeyAccessError(f"{where}: manifest is sealed under key id "
-                                 f"{seal.get('key_id')} but the loaded key has id "
-                                 f"{self.key_id}; `personanet keys rotate` changes keys")
-        if seal.get("algorithm") != SEAL_ALGORITHM or not hmac.compare_digest(
-                seal["mac"], self.mac(manifest)):
-            raise IntegrityError(f"{where}: manifest seal does not match (the manifest or its "
-                                 "seal was edited); `personanet artifacts verify` checks the "
-                                 "store")
 
 
 def manifest_key_ids(manifest: dict[str, Any]) -> set[str]:
@@ -216,10 +143,6 @@ class Artifact:
 
 class ArtifactStore:
     """Artifacts of one dataset under one artifact root."""
-
-    _held: dict[Path, int] = {}
-    _held_fds: dict[Path, int] = {}
-    _held_guard = threading.Lock()
 
     def __init__(self, root: Path | str, dataset: str, *,
                  lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> None:
@@ -333,64 +256,18 @@ class ArtifactStore:
 
     # ----------------------------------------------------------------- locking
 
-    @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
+    def lock(self) -> contextlib.AbstractContextManager[None]:
         """Hold the root's one-writer lock; waits up to `lock_timeout` s, then exit 75.
 
         Re-entrant within a process, so `run` can hold it across every stage.
         """
-        key = self.root.resolve() if self.root.exists() else self.root.absolute()
-        with self._held_guard:
-            if self._held.get(key, 0) > 0:
-                self._held[key] += 1
-                reentered = True
-            else:
-                reentered = False
-        if reentered:
-            try:
-                yield
-            finally:
-                with self._held_guard:
-                    self._held[key] -= 1
-            return
-        fd = self._acquire()
-        with self._held_guard:
-            self._held[key] = 1
-        try:
-            yield
-        finally:
-            with self._held_guard:
-                self._held[key] = 0
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
-
-    def _acquire(self) -> int:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             raise OutputError(
                 f"cannot create artifact root {self.root}: {exc.strerror}") from exc
-        deadline = time.monotonic() + max(self.lock_timeout, 0.0)
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                    os.close(fd)
-                    raise
-            if time.monotonic() >= deadline:
-                holder = _read_holder(fd)
-                os.close(fd)
-                raise LockBusyError(
-                    f"artifact root {self.root} is locked by another personanet process{holder}; "
-                    f"waited {self.lock_timeout:g}s: retry later or raise --lock-timeout"
-                )
-            time.sleep(0.05)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        return fd
+        return hold_lock(self.root / LOCK_FILE, timeout=self.lock_timeout,
+                         what=f"artifact root {self.root}")
 
     # ----------------------------------------------------------------- writing
 
@@ -428,14 +305,6 @@ class ArtifactStore:
         return sorted(p for stage in STAGES if (self.dataset_dir / stage).is_dir()
                       for p in (self.dataset_dir / stage).iterdir()
                       if p.name.startswith(TMP_PREFIX))
-
-
-def _read_holder(fd: int) -> str:
-    try:
-        pid = os.pread(fd, 32, 0).decode().strip()
-    except OSError:
-        return ""
-    return f" (pid {pid})" if pid.isdigit() else ""
 
 
 @dataclass
@@ -490,20 +359,24 @@ class ArtifactWriter:
         }
         if self.store.sealer is not None:
             manifest = self.store.sealer.seal(manifest)
+        # The manifest needs no rename of its own: the folder's rename publishes it.
         manifest_path = self.tmp / MANIFEST
-        with open(manifest_path, "w", encoding="utf-8") as fh:
-            json.dump(manifest, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        fsync_path(self.tmp)
+        manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n",
+                                 encoding="utf-8")
+        fsync_path(manifest_path)
         final = self.tmp.parent / self.version
-        os.rename(self.tmp, final)
-        fsync_path(final.parent)
+        publish_folder(self.tmp, final)
         return Artifact(self.store.dataset, self.stage, self.version, final, manifest)
 
     def abort(self) -> None:
+        """Remove the unfinished version, and the stage and dataset folders if that left
+        them empty: a refused first run leaves the root as it found it."""
         shutil.rmtree(self.tmp, ignore_errors=True)
+        for folder in (self.tmp.parent, self.tmp.parent.parent):
+            try:
+                folder.rmdir()  # only ever succeeds on an empty folder
+            except OSError:
+                break
 
     def __enter__(self) -> ArtifactWriter:
         return self
