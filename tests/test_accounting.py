@@ -1,6 +1,6 @@
 """PersonaNet's epsilon, cross-checked against an independent accountant (Google's dp_accounting).
 
-`personanet.privacy.compute_epsilon` (Opacus' PRV and RDP accountants) must agree
+`personanet.privacy.accounting.compute_epsilon` (Opacus' PRV and RDP accountants) must agree
 with dp_accounting's RDP accountant and PLD accountant, each composing a
 PoissonSampledDpEvent(GaussianDpEvent(sigma), q) `steps` times under add-or-remove-one
 neighbouring (Opacus' relation), and it must never claim less privacy loss than
@@ -23,7 +23,7 @@ import dp_accounting
 import pytest
 from dp_accounting import pld, rdp
 
-from personanet.privacy import compute_epsilon
+from personanet.privacy.accounting import compute_epsilon
 
 from .conftest import write_config
 

@@ -23,9 +23,9 @@ from personanet.errors import (
     KeyAccessError,
     UsageError,
 )
-from personanet.privacy import Ledger, budget_summary
+from personanet.privacy.ledger import Ledger, budget_summary
 from personanet.store.artifacts import ArtifactStore
-from personanet.store.crypto import MasterKey, write_key_file
+from personanet.store.keys import MasterKey, write_key_file
 
 from .conftest import write_config
 

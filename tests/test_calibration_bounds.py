@@ -19,7 +19,7 @@ import pytest
 
 from personanet.config import load_config
 from personanet.errors import ConfigError
-from personanet.privacy import (
+from personanet.privacy.accounting import (
     PRV_MAX_POINTS,
     AccountantError,
     calibrate_noise,

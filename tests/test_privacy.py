@@ -16,16 +16,12 @@ from rich.console import Console
 from personanet.config import BudgetConfig, Config, DatasetConfig, parse_config
 from personanet.errors import BudgetExhaustedError, IntegrityError
 from personanet.models.tabular import PersonaLoss, PersonaNet
-from personanet.privacy import (
-    BookkeepingClipper,
-    Ledger,
-    UnsupportedLayerError,
-    budget_summary,
-    compute_epsilon,
-    render_budget,
-)
+from personanet.privacy.accounting import compute_epsilon
+from personanet.privacy.clipping import BookkeepingClipper, UnsupportedLayerError
+from personanet.privacy.ledger import Ledger, budget_summary
+from personanet.reporting.budget import render_budget
 from personanet.store.artifacts import ArtifactStore
-from personanet.store.crypto import MasterKey
+from personanet.store.keys import MasterKey
 from tests.conftest import ROOT
 
 # Opacus' reference paths warn that the first layer's input needs no gradient (true and
@@ -159,8 +155,8 @@ CONCURRENT = r"""
 import sys
 from personanet.store.artifacts import ArtifactStore
 from personanet.errors import BudgetExhaustedError
-from personanet.privacy import Ledger
-from personanet.store.crypto import MasterKey
+from personanet.privacy.ledger import Ledger
+from personanet.store.keys import MasterKey
 ledger = Ledger(ArtifactStore(sys.argv[1], "people"), MasterKey.from_base64(sys.argv[2]))
 try:
     ledger.reserve(epsilon=1.0, delta=1e-6, budget_epsilon=2.5, budget_delta=1e-3)
@@ -314,3 +310,58 @@ def test_empty_poisson_batch_gives_zero_gradient() -> None:
     categorical, numeric, target = (t[:0] for t in _batch("binary"))
     clipper.backward(PersonaLoss("binary", reduction="none")(net(categorical, numeric), target))
     assert all(p.grad is not None and not p.grad.any() for p in net.parameters())
+
+
+def test_a_new_layer_type_is_one_registered_handler(monkeypatch: pytest.MonkeyPatch) -> None:
+    from personanet.privacy import clipping
+    from personanet.privacy.clipping_layers import LinearClipping
+
+    class Scaled(torch.nn.Linear):  # a subclass may change the forward: not matched
+        pass
+
+    net = torch.nn.Sequential(Scaled(3, 2))
+    assert not BookkeepingClipper.supports(net)
+    clipping.handler_for(net[0])  # the built-in handlers are registered by now
+    monkeypatch.setitem(clipping._HANDLERS, Scaled, LinearClipping())
+    assert BookkeepingClipper.supports(net)
+    clipper = BookkeepingClipper(net, max_grad_norm=1.0)
+    clipper.backward(net(torch.rand(4, 3)).sum(1))
+    assert net[0].weight.grad is not None and net[0].bias.grad is not None
+
+
+# ----------------------------------------------------------------------- privacy record
+
+RECORD_FIXTURE = next((ROOT / "tests" / "data" / "root_v1").rglob("privacy.json"))
+
+
+def test_privacy_record_writes_back_the_file_it_read_byte_for_byte() -> None:
+    from personanet.privacy.record import PrivacyRecord
+
+    raw = RECORD_FIXTURE.read_text("utf-8")
+    record = PrivacyRecord.read(RECORD_FIXTURE)
+    assert record.private and record.accountant == "prv" and record.steps == 4
+    assert json.dumps(record.to_json(), indent=2, sort_keys=True) + "\n" == raw
+
+
+def test_non_private_record_has_a_note_and_no_epsilon() -> None:
+    from personanet.privacy.record import NON_PRIVATE_NOTE, PrivacyRecord
+
+    doc = PrivacyRecord(
+        private=False, accountant=None, epsilon=None, delta=None, target_epsilon=None,
+        noise_multiplier=None, sample_rate=0.25, steps=4, epochs=1, max_grad_norm=None,
+        batch_size=64, auto_settings={}, expected_batch_size=60.0, poisson_sampling=True,
+        grad_sample_mode=None, run_id="r", note=NON_PRIVATE_NOTE).to_json()
+    assert doc["note"] == NON_PRIVATE_NOTE and doc["epsilon"] is None
+    assert not {"secure_rng", "privacy_unit", "accountant_history"} & doc.keys()
+    assert PrivacyRecord.from_json(doc).to_json() == doc
+
+
+@pytest.mark.parametrize("doc", [{"format": "personanet.privacy/2", "private": True}, [],
+                                 {"private": True}])
+def test_privacy_record_of_another_format_is_refused(doc: object) -> None:
+    from personanet.errors import BadInputError
+    from personanet.privacy.record import PrivacyRecord
+
+    with pytest.raises(BadInputError) as refused:
+        PrivacyRecord.from_json(doc)
+    assert refused.value.exit_code == 65

@@ -53,7 +53,7 @@ and attackers. So:
 
 What the bound assumes. Members and non-members must be exchangeable: people
 assigned to train or test by a coin that ignores their data (the pseudonym
-hash split of SPEC 5, or a fixed split that was itself drawn at random). If
+hash split of docs/cleaning.md, "Split", or a fixed split that was itself drawn at random). If
 the two sides differ in distribution (a split by date or by source), the
 attack also detects that shift, and the bound -- and a failed audit -- may reflect the split
 rather than the model. The losses must come from the final model in eval mode

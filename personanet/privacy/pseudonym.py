@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:
     import polars as pl
 
-    from personanet.store.crypto import MasterKey
+    from personanet.store.keys import MasterKey
 
 PURPOSE = "pseudonym"
 #: hex characters kept from the 64 of HMAC-SHA256 (128 bits)
