@@ -153,7 +153,7 @@ class Adult(Source):
         from personanet.stages.collect import collect
         from personanet.store import tables
         from personanet.store.artifacts import ArtifactStore
-        from personanet.store.crypto import MasterKey
+        from personanet.store.keys import MasterKey
 
         config = load_config(ROOT / "configs" / "persona.toml")
         self.config = dataclasses.replace(config, budget=dataclasses.replace(
@@ -194,7 +194,7 @@ class BreastCancer(Source):
         from personanet.config import parse_config
         from personanet.stages.base import require_key
         from personanet.store.artifacts import ArtifactStore
-        from personanet.store.crypto import MasterKey
+        from personanet.store.keys import MasterKey
 
         data = load_breast_cancer()
         names = [name.replace(" ", "_") for name in data.feature_names]
@@ -289,7 +289,7 @@ def _train_and_score(source: Source, version: str, changes: dict[str, Any], seed
 
 
 def _scores(model_path: Path, test: Any) -> dict[str, float]:
-    from personanet.models.tabular import load_model, predict_frame
+    from personanet.models import load_model, predict_frame
     from personanet.reporting.metrics import classification_metrics
 
     model, encoder = load_model(model_path)

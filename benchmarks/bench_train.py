@@ -83,7 +83,7 @@ def main() -> int:
     from personanet.stages.collect import collect
     from personanet.store import tables
     from personanet.store.artifacts import ArtifactStore
-    from personanet.store.crypto import MasterKey
+    from personanet.store.keys import MasterKey
 
     base = load_config(ROOT / "configs" / "persona.toml")
     base = dataclasses.replace(base, budget=dataclasses.replace(base.budget, epsilon=1e9,
@@ -201,7 +201,7 @@ def accuracy(base: Any, store: Any, key: Any, test_frame: Any,
 
 
 def _test_accuracy(result: Any, test_frame: Any) -> float:
-    from personanet.models.tabular import load_model, predict_frame
+    from personanet.models import load_model, predict_frame
 
     model, encoder = load_model(result.path)
     target = encoder.transform(test_frame).target

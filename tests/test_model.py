@@ -1,4 +1,4 @@
-"""Behaviour of the public-schema encoder and of PersonaNet (SPEC sections 5 and 6)."""
+"""Behaviour of the public-schema encoder and of PersonaNet (docs/training.md)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 
 from personanet.config import Config, parse_config
 from personanet.errors import BadInputError
+from personanet.models import load_model, predict_frame
 from personanet.models.encoding import Encoder
 from personanet.models.tabular import (
     ENCODER_FILE,
@@ -21,8 +22,6 @@ from personanet.models.tabular import (
     SPEC_FILE,
     PersonaLoss,
     PersonaNet,
-    load_model,
-    predict_frame,
     save_model,
 )
 
@@ -230,3 +229,45 @@ def test_weights_that_do_not_match_the_spec_are_refused(tmp_path: Path) -> None:
     (tmp_path / SPEC_FILE).write_text(json.dumps({**spec, "hidden_sizes": [3]}))
     with pytest.raises(BadInputError, match="does not match"):
         load_model(tmp_path)
+
+
+# ----------------------------------------------------------------------- model families
+
+
+def test_a_model_json_that_names_no_family_is_tabular(tmp_path: Path) -> None:
+    from personanet.models import family_of, family_of_spec, get_family
+
+    config = _config()
+    encoder = Encoder.from_config(config)
+    tabular = get_family("tabular")
+    spec = tabular.spec_for(encoder, dataclasses.replace(config.train, hidden_sizes=[4]))
+    tabular.save(tabular.build(spec), spec, encoder, tmp_path)
+    written = json.loads((tmp_path / SPEC_FILE).read_text())
+    assert "family" not in written  # model.json keeps the content it always had
+    assert family_of_spec(written) is tabular
+    loaded, _ = load_model(tmp_path)
+    assert isinstance(loaded, PersonaNet) and family_of(loaded) is tabular
+
+
+def test_an_unknown_family_is_refused(tmp_path: Path) -> None:
+    from personanet.models import get_family
+
+    with pytest.raises(BadInputError, match="unknown model family 'image'"):
+        get_family("image")
+    (tmp_path / SPEC_FILE).write_text(json.dumps({"family": "image"}))
+    with pytest.raises(BadInputError, match="unknown model family"):
+        load_model(tmp_path)
+
+
+def test_batches_are_named_tensors_the_family_takes_by_name() -> None:
+    from personanet.models import get_family
+
+    config = _config()
+    encoder = Encoder.from_config(config)
+    batch = encoder.transform(_frame()).tensors()
+    assert set(batch) == {"categorical", "numeric", "target"}
+    tabular = get_family("tabular")
+    net = tabular.build(tabular.spec_for(encoder, config.train))
+    assert set(tabular.inputs(batch)) == set(tabular.input_names) == {"categorical", "numeric"}
+    assert net(**tabular.inputs(batch)).shape == (len(batch["target"]), 1)
+

@@ -57,11 +57,12 @@ import torch
 from scipy import stats
 
 from personanet.config import Config, load_config
-from personanet.models.tabular import PersonaLoss, PersonaNet, load_model
+from personanet.models import load_model
+from personanet.models.tabular import PersonaLoss, PersonaNet
 from personanet.stages.train import train
 from personanet.store import tables
 from personanet.store.artifacts import ArtifactStore
-from personanet.store.crypto import MasterKey
+from personanet.store.keys import MasterKey
 from tests.conftest import SAMPLE, write_config
 from tests.test_train import make_clean_artifact, sample_frames
 
@@ -154,7 +155,8 @@ def _train_one_step(data: OneStepData, *, force: bool = False) -> OneStepRun:
     frame = tables.read_artifact_table(data.store.get("clean", data.clean_version),
                                        "train.parquet.enc", data.key)
     encoded = encoder.transform(frame)
-    categorical, numeric, target = encoded.select(encoded.labelled).tensors(torch.device("cpu"))
+    batch = encoded.select(encoded.labelled).tensors(torch.device("cpu"))
+    categorical, numeric, target = batch["categorical"], batch["numeric"], batch["target"]
     loss_fn = PersonaLoss(encoder.task, reduction="none")
     params = list(initial_model.parameters())
     clipped_sum = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)

@@ -20,7 +20,7 @@ from personanet.stages.clean import clean
 from personanet.stages.collect import collect
 from personanet.stages.train import train
 from personanet.store.artifacts import ArtifactStore
-from personanet.store.crypto import MasterKey
+from personanet.store.keys import MasterKey
 from personanet.training.defaults import (
     WARN_MIN_STEPS,
     WARN_SAMPLE_RATE,
@@ -91,7 +91,7 @@ def _prepared(tmp_path: Path, small_store: tuple[Path, ArtifactStore, MasterKey]
 
 
 def _held_out_metrics(result, store: ArtifactStore, key: MasterKey) -> dict:
-    from personanet.models.tabular import load_model, predict_frame
+    from personanet.models import load_model, predict_frame
     from personanet.reporting.metrics import classification_metrics
     from personanet.store import tables
 

@@ -1,4 +1,4 @@
-"""Behaviour of the train stage (SPEC sections 5 and 6): DP-SGD, the ledger, resume.
+"""Behaviour of the train stage (docs/training.md): DP-SGD, the ledger, resume.
 
 Real Opacus, real encryption, real (tiny) training: a few hundred rows of the bundled
 sample, one or two epochs. Clean artifacts are written directly through the store API
@@ -26,13 +26,14 @@ import torch
 
 from personanet.config import Config, load_config
 from personanet.errors import BudgetExhaustedError, ConfigError, InputMissingError
-from personanet.privacy import Ledger, budget_summary, compute_epsilon
+from personanet.privacy.accounting import compute_epsilon
+from personanet.privacy.ledger import Ledger, budget_summary
 from personanet.stages.base import require_key
-from personanet.stages.train import resolve_device
 from personanet.stages.train import train as train_stage
 from personanet.store import tables
 from personanet.store.artifacts import ArtifactStore
-from personanet.store.crypto import MasterKey
+from personanet.store.keys import MasterKey
+from personanet.training.devices import resolve_device
 from tests.conftest import ROOT, SAMPLE, _dump_toml, write_config
 
 # ----------------------------------------------------------------------- helpers
@@ -208,9 +209,9 @@ def test_rdp_takes_over_when_prv_fails(tmp_path: Path, monkeypatch: pytest.Monke
         raise RuntimeError("Discrete mean differs significantly from continuous mean.")
 
     monkeypatch.setattr(PRVAccountant, "get_epsilon", broken)
-    from personanet import privacy
+    from personanet.privacy import accounting
 
-    privacy._epsilon.cache_clear()  # answers cached by earlier tests would hide the failure
+    accounting._epsilon.cache_clear()  # answers cached by earlier tests would hide the failure
     s = setup(tmp_path)
     privacy = privacy_of(train(s.config, s.store, s.key))
     assert privacy["accountant"] == "rdp"
@@ -243,7 +244,7 @@ def test_progress_reports_epoch_loss_and_epsilon(tmp_path: Path,
 
 
 def test_model_loads_back_and_predicts_like_in_training(tmp_path: Path) -> None:
-    from personanet.models.tabular import load_model, predict_frame
+    from personanet.models import load_model, predict_frame
 
     s = setup(tmp_path, overrides="[train]\nepochs = 1\n")
     result = train(s.config, s.store, s.key)
@@ -289,7 +290,7 @@ def test_run_failing_before_its_first_step_gives_its_reservation_back(
     def fail(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(train_module, "_run_epochs", fail)
+    monkeypatch.setattr(train_module, "run_epochs", fail)
     s = setup(tmp_path)
     with pytest.raises(RuntimeError):
         train(s.config, s.store, s.key)
@@ -302,13 +303,13 @@ def test_run_failing_after_steps_stays_counted(tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     import personanet.stages.train as train_module
 
-    real_save = train_module._save_checkpoint
+    real_save = train_module.save_checkpoint
 
     def crash_after_first_epoch(run_dir, *, epoch, **kwargs):
         real_save(run_dir, epoch=epoch, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_module, "_save_checkpoint", crash_after_first_epoch)
+    monkeypatch.setattr(train_module, "save_checkpoint", crash_after_first_epoch)
     s = setup(tmp_path)
     with pytest.raises(KeyboardInterrupt):
         train(s.config, s.store, s.key)
@@ -390,7 +391,7 @@ def test_multiclass_and_regression_targets(tmp_path: Path) -> None:
         "[dataset]\ntarget = \"age\"\n[columns.age]\nrole = \"target\"\n"
         "[columns.income]\nrole = \"ignore\"\n[train]\nepochs = 1\n"))
     result = train(regression.config, regression.store, regression.key)
-    from personanet.models.tabular import load_model, predict_frame
+    from personanet.models import load_model, predict_frame
 
     model, encoder = load_model(result.path)
     assert encoder.task == "regression"
@@ -411,7 +412,7 @@ def test_physical_batches_are_capped_without_changing_the_logical_steps(tmp_path
 def test_faster_gradient_sum_gives_opacus_numbers() -> None:
     from opacus.optimizers import DPOptimizerFastGradientClipping
 
-    from personanet.stages.train import _clone_instead_of_deepcopy
+    from personanet.training.private import clone_instead_of_deepcopy
 
     def run(patched: bool) -> torch.Tensor:
         weight = torch.nn.Parameter(torch.ones(3))
@@ -419,7 +420,7 @@ def test_faster_gradient_sum_gives_opacus_numbers() -> None:
             torch.optim.SGD([weight], lr=1.0), noise_multiplier=0.0, max_grad_norm=1.0,
             expected_batch_size=4)
         if patched:
-            _clone_instead_of_deepcopy(optimizer)
+            clone_instead_of_deepcopy(optimizer)
         for skip, grad in ((True, [1.0, 2.0, 3.0]), (False, [0.5, 0.5, 0.5])):
             weight.grad = torch.tensor(grad)  # two physical batches, one logical step
             optimizer.signal_skip_step(do_skip=skip)
@@ -448,6 +449,24 @@ def test_absent_device_exits_78_and_lists_what_exists() -> None:
         resolve_device("tpu")
 
 
+def test_cuda_under_a_launcher_means_this_process_s_own_gpu(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import personanet.training.devices as devices
+
+    four_gpus = ["cpu", "cuda", "cuda:0", "cuda:1", "cuda:2", "cuda:3"]
+    monkeypatch.setattr(devices, "available_devices", lambda: four_gpus)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert resolve_device("cuda") == torch.device("cuda")
+    monkeypatch.setenv("LOCAL_RANK", "2")  # as torchrun sets it for its third process
+    assert resolve_device("cuda") == torch.device("cuda:2")
+    assert resolve_device("auto") == torch.device("cuda:2")
+    assert resolve_device("cuda:0") == torch.device("cuda:0")  # a named GPU stays named
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setenv("LOCAL_RANK", "7")
+    with pytest.raises(ConfigError, match="LOCAL_RANK = 7"):
+        resolve_device("cuda")
+
+
 def test_device_used_is_in_the_manifest(tmp_path: Path) -> None:
     s = setup(tmp_path, overrides="[train]\nepochs = 1\n")
     result = train(s.config, s.store, s.key, device="cpu")
@@ -466,12 +485,12 @@ from pathlib import Path
 import personanet.stages.train as t
 from personanet.store.artifacts import ArtifactStore
 from personanet.config import load_config
-from personanet.store.crypto import MasterKey
+from personanet.store.keys import MasterKey
 
 config = load_config(sys.argv[1])
 store = ArtifactStore(sys.argv[2], config.dataset.name)
 marker = Path(sys.argv[3])
-real_save = t._save_checkpoint
+real_save = t.save_checkpoint
 
 def save_then_hang(run_dir, *, epoch, **kwargs):
     real_save(run_dir, epoch=epoch, **kwargs)
@@ -479,7 +498,7 @@ def save_then_hang(run_dir, *, epoch, **kwargs):
         marker.write_text(str(run_dir))
         time.sleep(600)
 
-t._save_checkpoint = save_then_hang
+t.save_checkpoint = save_then_hang
 t.train(config, store, MasterKey.from_base64(os.environ["PERSONANET_KEY"]),
         input_version=store.versions("clean")[-1].version)
 """
@@ -556,18 +575,18 @@ def test_resume_in_process_after_a_crash_continues_the_same_reservation(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import personanet.stages.train as train_module
 
-    real_save = train_module._save_checkpoint
+    real_save = train_module.save_checkpoint
 
     def crash_after_first_epoch(run_dir, *, epoch, **kwargs):
         real_save(run_dir, epoch=epoch, **kwargs)
         if epoch == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_module, "_save_checkpoint", crash_after_first_epoch)
+    monkeypatch.setattr(train_module, "save_checkpoint", crash_after_first_epoch)
     s = setup(tmp_path)
     with pytest.raises(KeyboardInterrupt):
         train(s.config, s.store, s.key)
-    monkeypatch.setattr(train_module, "_save_checkpoint", real_save)
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
     result = train(s.config, s.store, s.key, resume=True)
     entries = Ledger(s.store).entries
     assert len(entries) == 1 and entries[0]["status"] == "settled"
@@ -586,7 +605,7 @@ def test_resume_in_process_after_a_crash_continues_the_same_reservation(
 @pytest.mark.slow
 def test_full_sample_accuracy_at_epsilon_1_beats_the_baselines(tmp_path: Path) -> None:
     """Standard UCI split, configs/persona.toml as shipped: epsilon 1, delta 1e-5."""
-    from personanet.models.tabular import load_model, predict_frame
+    from personanet.models import load_model, predict_frame
 
     torch.set_num_threads(2)
     config = load_config(ROOT / "configs" / "persona.toml")

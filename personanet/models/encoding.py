@@ -90,15 +90,17 @@ class EncodedBatch:
         return EncodedBatch(self.categorical[mask], self.numeric[mask],
                             None if self.target is None else self.target[mask])
 
-    def tensors(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
-        """``(categorical, numeric[, target])`` as torch tensors on `device`."""
+    def tensors(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """The batch as named torch tensors on `device`: ``{"categorical", "numeric"}``,
+        and ``"target"`` when the frame had one (a model family takes its inputs by name,
+        `personanet.models.ModelFamily.inputs`)."""
         import torch
 
-        out = [torch.as_tensor(self.categorical, device=device),
-               torch.as_tensor(self.numeric, device=device)]
+        out = {"categorical": torch.as_tensor(self.categorical, device=device),
+               "numeric": torch.as_tensor(self.numeric, device=device)}
         if self.target is not None:
-            out.append(torch.as_tensor(self.target, device=device))
-        return tuple(out)
+            out["target"] = torch.as_tensor(self.target, device=device)
+        return out
 
 
 class Encoder:

@@ -1,4 +1,4 @@
-"""PersonaNet: a small MLP for tabular personal records, shaped for DP-SGD.
+"""The "tabular" model family: PersonaNet, a small MLP for personal records, shaped for DP-SGD.
 
 Categorical columns enter the first layer one-hot (default) or as learned
 embeddings, concatenated with the scaled numeric features; then an MLP with a
@@ -17,14 +17,16 @@ regression. Choices that matter under DP:
   materialising per-example gradients (ghost clipping).
 
 A trained model is ``model.safetensors`` + ``model.json`` (this `spec`) +
-``encoder.json``; `load_model` reads them back without unpickling anything.
+``encoder.json``; `load_persona_net` reads them back without unpickling anything.
+The module registers the family "tabular" (`personanet.models`), which is how
+training, evaluation and prediction reach it.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -32,12 +34,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from personanet.errors import BadInputError, InputMissingError
+from personanet.models import ModelFamily, register_family, state_dict_for_saving
 from personanet.models.encoding import Encoder
 from personanet.training.defaults import settled
 
 if TYPE_CHECKING:
-    import polars as pl
-
     from personanet.config import TrainConfig
 
 MODEL_FORMAT = "personanet.model/1"
@@ -90,6 +91,9 @@ class PersonaNet(nn.Module):
     classification (``(n, 1)`` binary, ``(n, K)`` multi-class) or the scaled
     regression value ``(n, 1)``.
     """
+
+    #: how `personanet.models.family_of` finds this network's family
+    family_name: ClassVar[str] = "tabular"
 
     def __init__(self, *, cardinalities: list[int], n_numeric: int, n_outputs: int, task: str,
                  hidden_sizes: list[int], activation: str = "tanh", norm: str = "none",
@@ -230,12 +234,6 @@ class PersonaLoss(nn.Module):
         return loss
 
 
-def state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The plain PersonaNet weights, whatever Opacus wrapper `model` is in."""
-    inner = getattr(model, "_module", model)
-    return {k: v.detach().cpu().contiguous() for k, v in inner.state_dict().items()}
-
-
 def save_model(model: nn.Module, spec: dict[str, Any], encoder: Encoder, folder: Path
                ) -> list[str]:
     """Write ``model.safetensors``, ``model.json``, ``encoder.json``; returns the file names."""
@@ -249,7 +247,7 @@ def save_model(model: nn.Module, spec: dict[str, Any], encoder: Encoder, folder:
     return [MODEL_FILE, SPEC_FILE, ENCODER_FILE]
 
 
-def load_model(artifact_dir: Path | str) -> tuple[PersonaNet, Encoder]:
+def load_persona_net(artifact_dir: Path | str) -> tuple[PersonaNet, Encoder]:
     """The trained network (CPU, eval mode) and its encoder, from a train artifact folder.
 
     Reads safetensors and JSON only: nothing is unpickled.
@@ -280,22 +278,6 @@ def load_model(artifact_dir: Path | str) -> tuple[PersonaNet, Encoder]:
     return model, encoder
 
 
-def predict_frame(model: PersonaNet, encoder: Encoder, frame: pl.DataFrame, *,
-                  batch_size: int = 8192) -> np.ndarray:
-    """Score a clean-schema frame in batches.
-
-    Returns class probabilities ``(n, K)`` in `encoder.target_classes` order, or
-    regression predictions ``(n,)`` in the target's own units.
-    """
-    model.eval()
-    device = next(model.parameters()).device
-    outputs = []
-    for start in range(0, frame.height, batch_size):
-        batch = encoder.transform(frame.slice(start, batch_size))
-        categorical, numeric = batch.tensors(device)[:2]
-        outputs.append(model.predict(categorical, numeric).cpu().numpy())
-    if not outputs:
-        width = (len(encoder.target_classes),) if encoder.task != "regression" else ()
-        return np.zeros((0, *width), dtype=np.float32)
-    result = np.concatenate(outputs)
-    return encoder.unscale_target(result) if encoder.task == "regression" else result
+TABULAR = register_family(ModelFamily(
+    name="tabular", input_names=("categorical", "numeric"), spec_for=PersonaNet.spec_for,
+    build=PersonaNet.from_spec, save=save_model, load=load_persona_net, loss=PersonaLoss))
