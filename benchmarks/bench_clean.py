@@ -147,7 +147,7 @@ def personanet(csv: Path, root: Path) -> dict[str, float]:
     from personanet.stages.clean import clean
     from personanet.stages.collect import collect
     from personanet.store.artifacts import ArtifactStore
-    from personanet.store.crypto import MasterKey
+    from personanet.store.keys import MasterKey
 
     config = load_config(CONFIG)
     store = ArtifactStore(root, config.dataset.name)

@@ -57,11 +57,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from personanet.store.crypto import (
         DEFAULT_CHUNK_SIZE,
-        HEADER_SIZE,
-        MasterKey,
         decrypt_stream,
         encrypt_stream,
     )
+    from personanet.store.crypto_header import HEADER_SIZE
+    from personanet.store.keys import MasterKey
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=1024, help="plaintext size (MiB)")

@@ -43,7 +43,7 @@ def train_model(root: Path, key_b64: str) -> None:
     from personanet.stages.collect import collect
     from personanet.stages.train import train
     from personanet.store.artifacts import ArtifactStore
-    from personanet.store.crypto import MasterKey
+    from personanet.store.keys import MasterKey
 
     config = load_config(CONFIG)
     store = ArtifactStore(root, config.dataset.name)
@@ -66,7 +66,7 @@ def child(args: argparse.Namespace) -> int:
         from personanet.config import load_config
         from personanet.stages.predict import predict
         from personanet.store.artifacts import ArtifactStore
-        from personanet.store.crypto import MasterKey
+        from personanet.store.keys import MasterKey
 
         config = load_config(CONFIG)
         store = ArtifactStore(args.root, config.dataset.name)
@@ -100,7 +100,7 @@ def main() -> int:
     if args.phase:
         return child(args)
 
-    from personanet.store.crypto import MasterKey
+    from personanet.store.keys import MasterKey
 
     work = Path(tempfile.mkdtemp(prefix="bench-predict-", dir=args.dir))
     try:

@@ -15,23 +15,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from personanet.cleaning.rows import prepare_rows
+from personanet.cleaning.values import REASONS
 from personanet.config import Config, load_config, parse_config
 from personanet.errors import BadInputError, ConfigError
 from personanet.privacy.pseudonym import pseudonym_key, pseudonymize
+from personanet.reporting.clean_view import render_report
+from personanet.sources.files import FileSource
 from personanet.stages.base import require_key
-from personanet.stages.clean import (
-    REASONS,
-    CleanReport,
-    clean,
-    clean_records,
-    hash_split,
-    prepare_rows,
-    render_report,
-)
+from personanet.stages.clean import CleanReport, clean, clean_records, hash_split
 from personanet.stages.collect import collect
 from personanet.store import crypto, tables
 from personanet.store.artifacts import ArtifactStore
-from personanet.store.crypto import MasterKey
+from personanet.store.keys import MasterKey
 
 from .conftest import CONFIG, ROOT, sample_lines
 
@@ -232,7 +228,7 @@ def test_clean_refuses_records_it_cannot_use(name: str, message: str, tmp_path: 
     # A collect artifact written without collect's checks still cannot reach a model.
     config = load_config(MESSY / "persona_messy.toml")
     store = ArtifactStore(tmp_path / "a", config.dataset.name)
-    version = write_collect_artifact(store, key, tables.read_source(MESSY / name))
+    version = write_collect_artifact(store, key, FileSource(MESSY / name).read())
     with pytest.raises(BadInputError, match=message) as caught:
         clean(config, store, key, input_version=version)
     assert caught.value.exit_code == 65
@@ -250,7 +246,7 @@ def test_cli_malformed_input_exits_65_with_one_line(name: str, cli, key_env, tmp
 
     if name != "empty.csv":  # the same records, smuggled past collect, stop clean too
         store = ArtifactStore(root, "messy")
-        version = write_collect_artifact(store, key_env, tables.read_source(MESSY / name))
+        version = write_collect_artifact(store, key_env, FileSource(MESSY / name).read())
         result = cli("--config", config, "--artifacts", root, "clean", "--input", version)
         assert result.code == 65
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
@@ -439,7 +435,7 @@ def test_datetimes_after_collection_follow_the_out_of_bounds_policy() -> None:
 
 def test_prepare_rows_scores_new_people_without_a_target(key: MasterKey) -> None:
     config = load_config(CONFIG)
-    new = tables.read_source(ROOT / "data" / "persona_new.csv")
+    new = FileSource(ROOT / "data" / "persona_new.csv").read()
     prepared = prepare_rows(new, config, pseudonym_key(key), require_target=False)
     assert prepared.frame.height == 200 and prepared.quarantine.height == 0
     assert "income" not in prepared.frame.columns

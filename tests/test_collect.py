@@ -57,7 +57,7 @@ def test_no_plaintext_identifier_under_artifact_root(cli, key_env, tmp_path: Pat
 
 
 def test_wrong_key_cannot_read_records(cli, key_env, tmp_path: Path) -> None:
-    from personanet.store.crypto import MasterKey
+    from personanet.store.keys import MasterKey
 
     root = tmp_path / "a"
     assert cli("--config", CONFIG, "--artifacts", root, "collect").code == 0

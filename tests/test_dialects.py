@@ -14,6 +14,7 @@ import polars as pl
 
 from personanet.config import ROW_UNIT, load_config
 from personanet.privacy.pseudonym import pseudonym_key, pseudonymize
+from personanet.sources.files import FileSource
 from personanet.store import tables
 from personanet.store.artifacts import ArtifactStore
 
@@ -105,7 +106,7 @@ def test_generated_row_unit_is_the_collected_row_number(key, tmp_path: Path) -> 
     from personanet.stages.clean import clean_records
 
     config = load_config(adult_config(tmp_path / "adult.toml", DATA / "adult_head.data"))
-    records = tables.read_source(DATA / "adult_head.data", config.source)
+    records = FileSource(DATA / "adult_head.data", config.source).read()
     records = pl.concat([records, records.head(5)])  # five rows repeated: five more people
     outcome = clean_records(records, config, pseudonym_key(key))
     assert outcome.report.rows_train + outcome.report.rows_test == 305

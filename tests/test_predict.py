@@ -9,10 +9,10 @@ import numpy as np
 import polars as pl
 import pytest
 
+from personanet.cleaning.rows import prepare_rows
 from personanet.config import load_config
-from personanet.models.tabular import load_model
+from personanet.models import load_model
 from personanet.privacy.pseudonym import pseudonym_key
-from personanet.stages.clean import prepare_rows
 from personanet.stages.predict import PREDICTIONS, REJECTS, read_predictions
 from personanet.store import crypto
 from personanet.store.artifacts import ArtifactStore
@@ -63,8 +63,8 @@ def test_predictions_equal_the_model_on_the_encoded_tensor(cli, key_env, trained
     model, encoder = load_model(store.get("train").path)
     prepared = prepare_rows(pl.read_csv(NEW, infer_schema=False), load_config(trained),
                             pseudonym_key(key_env), require_target=False)
-    categorical, numeric = encoder.transform(prepared.frame).tensors()[:2]
-    direct = model.predict(categorical, numeric).numpy()
+    batch = encoder.transform(prepared.frame).tensors()
+    direct = model.predict(categorical=batch["categorical"], numeric=batch["numeric"]).numpy()
     assert prepared.rows.to_list() == predictions["row"].to_list()
     assert np.allclose(predictions["proba_>50K"].to_numpy(), direct[:, 1], atol=1e-6)
     assert prepared.frame["email"].to_list() == predictions["email"].to_list()

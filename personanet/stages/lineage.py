@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from personanet.errors import InputMissingError
 from personanet.stages.base import fingerprint
-from personanet.store.artifacts import Artifact, ArtifactStore, sha256_file
+from personanet.store.artifacts import Artifact, ArtifactStore
 
 if TYPE_CHECKING:
     from personanet.config import Config
@@ -29,14 +29,15 @@ CHAIN = ("collect", "clean", "train")
 # ------------------------------------------------------------------- fingerprints
 
 
-def collect_fingerprint(config: Config, source_sha256: list[str]) -> str:
-    """collect's identity: the bytes of its sources (in order) and the configured columns."""
+def collect_fingerprint(config: Config, source_identities: list[str]) -> str:
+    """collect's identity: its sources' identities (`Source.fingerprint()`: a file's sha256),
+    in order, and the configured columns."""
     from personanet.config import SourceConfig
 
     # How the files are read ([source]) changes the records; the default adds nothing, so
     # stores made before [source] existed keep their identities.
     read = {} if config.source == SourceConfig() else {"read": config.section("source")}
-    return fingerprint("collect", sources=list(source_sha256),
+    return fingerprint("collect", sources=list(source_identities),
                        columns={name: column.required for name, column in config.columns.items()},
                        **read)
 
@@ -59,22 +60,22 @@ def train_fingerprint(config: Config, clean_version: str, *, private: bool) -> s
 def resolve_chain(config: Config, store: ArtifactStore) -> dict[str, Artifact | None]:
     """Each stage's artifact in the config's chain, or None where it does not exist yet.
 
-    Reads manifests and hashes the config's source files; runs nothing. The train entry
+    Reads manifests and fingerprints the config's sources; runs nothing. The train entry
     is the private model when it exists, else the chain's `--no-dp` model. Raises
     InputMissingError (66) when the sources are gone, since then the chain has no start.
     """
-    from personanet.store import tables
+    from personanet.sources import open_sources
 
     chain: dict[str, Artifact | None] = dict.fromkeys(CHAIN)
     try:
-        paths = tables.resolve_sources(config.dataset.source, base=config.base_dir)
+        sources = open_sources(config.dataset.source, config.source, base=config.base_dir)
     except InputMissingError as exc:
         raise InputMissingError(
             f"{exc}; the config's chain of artifacts starts from its sources, so name the "
             "artifact to use: --input VERSION (clean, train) or --model VERSION (evaluate, "
             "predict); `personanet artifacts list` shows them") from None
     chain["collect"] = store.find_reusable(
-        "collect", collect_fingerprint(config, [sha256_file(p) for p in paths]))
+        "collect", collect_fingerprint(config, [source.fingerprint() for source in sources]))
     if chain["collect"] is not None:
         chain["clean"] = store.find_reusable(
             "clean", clean_fingerprint(config, chain["collect"].version))
