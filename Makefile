@@ -41,8 +41,9 @@ run: install $(DEMO_KEY) ## run the whole pipeline on the bundled sample
 test: dev ## run the whole test suite (slow tests included)
 	$(BIN)/python -m pytest -q
 
-lint: dev ## ruff
+lint: dev ## ruff, and the layer rules of docs/architecture.md (import-linter)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache
 
 bench: dev ## run the benchmarks (ratios measured side by side)
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -1,4 +1,4 @@
-"""Typed errors, one per exit code of SPEC section 1 (sysexits).
+"""Typed errors, one per exit code of the command line (sysexits; README.md, "Exit codes").
 
 Library code raises these; only the CLI turns them into an exit status and a
 one-line message. Messages say what is wrong and how to fix it, in one line.

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from personanet.cli import run_cli
-from personanet.store.crypto import MasterKey
+from personanet.store.keys import MasterKey
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "persona.csv.gz"

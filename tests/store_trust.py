@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from personanet.cli import run_cli
-from personanet.store.crypto import MasterKey
+from personanet.store.keys import MasterKey
 
 from .conftest import sample_lines, write_config
 

@@ -1,4 +1,4 @@
-"""Behaviour of the membership-inference audit (SPEC section 7; Jagielski et al. 2020)."""
+"""Behaviour of the membership-inference audit (Jagielski et al. 2020)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Config loading: every mistake names its key and exits 78 (SPEC section 2)."""
+"""Config loading: every mistake names its key and exits 78 (README: Configuration reference)."""
 
 from __future__ import annotations
 

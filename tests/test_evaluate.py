@@ -1,4 +1,7 @@
-"""evaluate: utility, fairness per group, the membership-inference audit, gates (SPEC 7)."""
+"""evaluate: utility, fairness per group, the membership-inference audit, gates.
+
+See README: Reading your outputs.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ PLOTS = ("roc.png", "calibration.png", "groups.png", "attack_roc.png")
 @pytest.fixture(scope="module")
 def bundled(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The whole pipeline on the bundled sample at epsilon = 1 (standard UCI split), once."""
-    from personanet.store.crypto import MasterKey
+    from personanet.store.keys import MasterKey
 
     folder = tmp_path_factory.mktemp("bundled")
     key = MasterKey.generate()
@@ -87,7 +90,7 @@ def test_gate_above_achieved_accuracy_exits_69_and_still_writes_the_report(
 @pytest.mark.slow
 def test_no_dp_overfit_model_leaks_more_than_the_dp_model(tmp_path: Path, monkeypatch,
                                                           capsys) -> None:
-    from personanet.store.crypto import MasterKey
+    from personanet.store.keys import MasterKey
 
     monkeypatch.setenv("PERSONANET_KEY", MasterKey.generate().to_base64())
     monkeypatch.delenv("PERSONANET_KEY_FILE", raising=False)

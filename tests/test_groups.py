@@ -17,7 +17,8 @@ from personanet.config import load_config
 from personanet.errors import ConfigError
 from personanet.reporting.groups import grouping
 from personanet.reporting.metrics import group_metrics, group_regression_metrics
-from personanet.reporting.report import build_gates, render_markdown, write_plots
+from personanet.reporting.plots import write_plots
+from personanet.reporting.report import build_gates, render_markdown
 
 from .conftest import write_config
 

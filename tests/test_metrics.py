@@ -1,4 +1,4 @@
-"""Behaviour of the evaluation metrics (SPEC section 7), checked against hand-computed cases."""
+"""Evaluation metrics (README: Reading your outputs), checked against hand-computed cases."""
 
 from __future__ import annotations
 

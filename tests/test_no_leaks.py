@@ -1,4 +1,4 @@
-"""No plaintext leaks (SPEC sections 1, 4 and 5): names and emails never leave encryption.
+"""No plaintext leaks (README: Privacy): names and emails never leave encryption.
 
 A full `run` of the bundled sample's config (the first 3,000 records of
 data/persona.csv.gz, and data/persona_new.csv to score) in real child processes, then a
@@ -38,7 +38,7 @@ from personanet.privacy.pseudonym import pseudonym_key, pseudonymize
 from personanet.stages.predict import read_predictions
 from personanet.store import crypto, tables
 from personanet.store.artifacts import ArtifactStore
-from personanet.store.crypto import MasterKey
+from personanet.store.keys import MasterKey
 from tests.conftest import ROOT, run_subprocess, sample_lines, write_config
 
 PREDICT_INPUT = ROOT / "data" / "persona_new.csv"

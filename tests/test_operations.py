@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from personanet.store.artifacts import STAGES, ArtifactStore
-from personanet.store.crypto import MasterKey, write_key_file
+from personanet.store.keys import MasterKey, write_key_file
 
 from .conftest import ROOT, write_config
 

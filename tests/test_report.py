@@ -18,13 +18,13 @@ from personanet.reporting.metrics import (
     group_metrics,
     roc_curve,
 )
+from personanet.reporting.plots import write_plots
 from personanet.reporting.report import (
     build_gates,
     failed_gates,
     privacy_sentence,
     render_markdown,
     render_summary,
-    write_plots,
 )
 
 CLASSES = ["<=50K", ">50K"]

@@ -31,16 +31,15 @@ from hypothesis import strategies as st
 from personanet.errors import IntegrityError, KeyAccessError
 from personanet.store.artifacts import sha256_file
 from personanet.store.crypto import (
-    HEADER_SIZE,
-    MIN_CHUNK_SIZE,
     EncryptingWriter,
-    MasterKey,
     decrypt_bytes,
     decrypt_file_to,
     decrypt_stream,
     read_encrypted_file,
     write_encrypted_file,
 )
+from personanet.store.crypto_header import HEADER_SIZE, MIN_CHUNK_SIZE
+from personanet.store.keys import MasterKey
 
 # Fixed keys: generated examples must not depend on a function-scoped fixture.
 KEY = MasterKey(hashlib.sha256(b"personanet test_tampering key").digest())

@@ -175,7 +175,8 @@ def _instant_label(edge: float) -> str:
     if not math.isfinite(edge):
         return "inf" if edge > 0 else "-inf"
     moment = dt.datetime.fromtimestamp(edge, dt.UTC)
-    # An upper bound given as a bare date means that day's last second (config._instant).
+    # An upper bound given as a bare date means that day's last second (`_instant` in
+    # personanet/config/validation.py).
     if moment.time() in (dt.time(0, 0), dt.time(23, 59, 59)):
         return moment.date().isoformat()
     return moment.strftime("%Y-%m-%d %H:%M:%S")

@@ -1,8 +1,9 @@
-"""What evaluate writes for people: metrics.json's structure, report.md, the PNG plots, a summary.
+"""What evaluate writes for people: metrics.json's structure, report.md, the gates, a summary.
 
 One dict (``metrics``, saved as metrics.json) is the single source; report.md,
 the rich summary on stderr and the gates are views of it. It holds only
-aggregates over people, never a record, so it stays unencrypted (SPEC 3).
+aggregates over people, never a record, so it stays unencrypted (README.md,
+"Artifacts").
 
 metrics.json::
 
@@ -44,8 +45,7 @@ Any number may be None where it is undefined (a ROC AUC with one class
 present). ``passed`` is None where a gate does not apply (the audit gate of a
 non-private model, a gap gate with fewer than two reportable groups).
 
-Plots are drawn with matplotlib's Agg canvas (no display, no global backend
-switch), imported only when `write_plots` runs.
+The PNG plots drawn from the same evaluation live in `personanet.reporting.plots`.
 """
 
 from __future__ import annotations
@@ -56,10 +56,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from numpy.typing import ArrayLike
 
 if TYPE_CHECKING:
-    from matplotlib.figure import Figure
     from rich.table import Table
 
 SCHEMA_VERSION = 1
@@ -76,15 +74,6 @@ GROUP_COLUMNS = {"classification": (("accuracy", "Accuracy"), ("balanced_accurac
                  "regression": (("mae", "MAE"), ("rmse", "RMSE"), ("r2", "R²"))}
 #: the metric each group gap gate and the groups plot use, by task
 GROUP_GATE_METRIC = {"classification": "accuracy", "regression": "mae"}
-PLOT_DPI = 110
-#: the groups plot is this wide (inches) whatever the number of groups; groups stack downwards
-GROUPS_PLOT_WIDTH = 7.0
-#: most bars in one panel of the groups plot: past it, the lowest and highest half each are
-#: drawn (the groups served worst and best), and the title says how many are left to metrics.json
-MAX_PLOT_BARS = 24
-#: a group label longer than this is cut in the plot (report.md and metrics.json keep it whole)
-PLOT_LABEL_CHARS = 28
-
 
 # --- gates ------------------------------------------------------------------------------------
 
@@ -111,8 +100,8 @@ def build_gates(*, overall: Mapping[str, Any], groups: Mapping[str, Any] | None 
     gates: list[dict[str, Any]] = []
     if min_accuracy is not None:
         value = overall.get("accuracy")
-        gates.append(_gate("min_accuracy", ">=", min_accuracy, value,
-                           "test accuracy" if _number(value) else "no accuracy for this task"))
+        detail = "test accuracy" if is_finite_number(value) else "no accuracy for this task"
+        gates.append(_gate("min_accuracy", ">=", min_accuracy, value, detail))
     if max_group_gap is not None:
         metric = GROUP_GATE_METRIC.get(task, "accuracy")
         column, gap = _largest_gap(groups or {}, metric)
@@ -147,10 +136,10 @@ def failed_gates(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def _gate(name: str, rule: str, threshold: float, value: Any, detail: str) -> dict[str, Any]:
     passed: bool | None = None
-    if _number(value):
+    if is_finite_number(value):
         passed = value >= threshold if rule == ">=" else value <= threshold
     return {"name": name, "rule": rule, "threshold": threshold,
-            "value": value if _number(value) else None, "passed": passed, "detail": detail}
+            "value": value if is_finite_number(value) else None, "passed": passed, "detail": detail}
 
 
 def _largest_gap(groups: Mapping[str, Any], metric: str
@@ -173,7 +162,7 @@ def privacy_sentence(model: Mapping[str, Any]) -> str:
                 "memorise and reveal the people in its training data; use it for comparison "
                 "only, and never ship it or share its outputs.")
     epsilon, delta = model.get("epsilon"), model.get("delta")
-    if not _number(epsilon) or not _number(delta):
+    if not is_finite_number(epsilon) or not is_finite_number(delta):
         raise ValueError("a private model needs model.epsilon and model.delta")
     epsilon = float(model["epsilon"])
     unit = model.get("privacy_unit")
@@ -222,7 +211,8 @@ def _markdown_metrics(metrics: Mapping[str, Any], task: str) -> list[str]:
              f"| Metric | Value | {level:.0%} CI |", "|---|---:|---:|"]
     for key, label in rows:
         if key in overall:
-            lines.append(f"| {label} | {_fmt(overall[key])} | {_interval(intervals.get(key))} |")
+            lines.append(f"| {label} | {format_value(overall[key])} "
+                         f"| {_interval(intervals.get(key))} |")
     return [*lines, ""]
 
 
@@ -245,11 +235,11 @@ def _markdown_groups(groups: Mapping[str, Any], task: str) -> list[str]:
                   "|---|---:|" + "---:|" * len(columns)]
         for value, figures in (entry.get("groups") or {}).items():
             if figures.get("suppressed"):
-                size = _suppressed_size(entry)
+                size = suppressed_size_text(entry)
                 cells = ["suppressed"] + [""] * (len(columns) - 1)
             else:
                 size = str(figures.get("n", "?"))
-                cells = [_fmt(figures.get(key)) for key, _ in columns]
+                cells = [format_value(figures.get(key)) for key, _ in columns]
             lines.append(f"| {_cell(value)} | {size} | " + " | ".join(cells) + " |")
         gaps = [(key, label, (entry.get("gaps") or {}).get(key)) for key, label in columns]
         shown = [(label, gap) for _, label, gap in gaps if gap]
@@ -279,18 +269,20 @@ def _markdown_audit(audit: Mapping[str, Any] | None) -> list[str]:
         "| Claimed ε | Empirical ε lower bound | Attack AUC | TPR @ 1% FPR | TPR @ 0.1% FPR "
         "| Members | Non-members |",
         "|---:|---:|---:|---:|---:|---:|---:|",
-        f"| {_fmt(claimed, 2) if claimed is not None else 'none (non-private)'} "
-        f"| {_fmt(bound, 2)} | {_fmt(audit.get('attack_auc'))} "
-        f"| {_fmt(audit.get('tpr_at_1pct_fpr'), 4)} | {_fmt(audit.get('tpr_at_01pct_fpr'), 4)} "
+        f"| {format_value(claimed, 2) if claimed is not None else 'none (non-private)'} "
+        f"| {format_value(bound, 2)} | {format_value(audit.get('attack_auc'))} "
+        f"| {format_value(audit.get('tpr_at_1pct_fpr'), 4)} "
+        f"| {format_value(audit.get('tpr_at_01pct_fpr'), 4)} "
         f"| {audit.get('n_members', '?')} | {audit.get('n_nonmembers', '?')} |", ""]
     if claimed is None:
-        lines.append(f"No privacy claim to test: the attack demonstrates ε ≥ {_fmt(bound, 2)}.")
-    elif _number(bound) and bound > claimed:
+        lines.append("No privacy claim to test: the attack demonstrates "
+                     f"ε ≥ {format_value(bound, 2)}.")
+    elif is_finite_number(bound) and bound > claimed:
         lines.append(f"**The audit refutes the claim:** the attack demonstrates ε ≥ "
                      f"{bound:.2f} > {claimed:.2f}. The noise, the sampling or the privacy "
                      "accounting is broken, or data leaked around training. Do not ship.")
     else:
-        proven = float(audit["epsilon_lower_bound"]) if _number(bound) else 0.0
+        proven = float(audit["epsilon_lower_bound"]) if is_finite_number(bound) else 0.0
         shown = (f"demonstrates ε ≥ {proven:.2f}, within" if proven > 0
                  else "demonstrates no measurable privacy loss (bound 0), within")
         lines.append(f"The attack {shown} the claimed ε = {claimed:.2f}. This is consistent "
@@ -307,7 +299,7 @@ def _markdown_gates(gates: Sequence[Mapping[str, Any]]) -> list[str]:
               "|---|---|---:|---:|---|---|"]
     for gate in gates:
         lines.append(f"| {gate['name']} | value {gate['rule']} threshold "
-                     f"| {_fmt(gate.get('threshold'))} | {_fmt(gate.get('value'))} "
+                     f"| {format_value(gate.get('threshold'))} | {format_value(gate.get('value'))} "
                      f"| {_verdict(gate.get('passed'))} | {_cell(gate.get('detail', ''))} |")
     return [*lines, ""]
 
@@ -335,211 +327,56 @@ def render_summary(metrics: Mapping[str, Any]) -> Table:
     for key, label in REGRESSION_ROWS if task == "regression" else CLASSIFICATION_ROWS:
         if key in overall:
             interval = intervals.get(key)
-            table.add_row(label, _fmt(overall[key]), f"CI {_interval(interval)}"
+            table.add_row(label, format_value(overall[key]), f"CI {_interval(interval)}"
                           if interval and interval[0] is not None else "")
     metric = GROUP_GATE_METRIC.get(task, "accuracy")
     for column, entry in (metrics.get("groups") or {}).items():
         gap = (entry.get("gaps") or {}).get(metric)
         if gap:
-            table.add_row(f"{metric} gap: {column}", _fmt(gap["gap"]),
+            table.add_row(f"{metric} gap: {column}", format_value(gap["gap"]),
                           f"{gap['max_group']} vs {gap['min_group']}")
     audit = metrics.get("audit")
     if audit:
         claimed = audit.get("epsilon_claimed")
-        table.add_row("audit ε lower bound", _fmt(audit.get("epsilon_lower_bound"), 2),
-                      f"claimed {_fmt(claimed, 2)}" if claimed is not None else "no claim")
-        table.add_row("attack AUC", _fmt(audit.get("attack_auc")),
-                      f"TPR@0.1%FPR {_fmt(audit.get('tpr_at_01pct_fpr'), 4)}")
+        table.add_row("audit ε lower bound", format_value(audit.get("epsilon_lower_bound"), 2),
+                      f"claimed {format_value(claimed, 2)}" if claimed is not None else "no claim")
+        table.add_row("attack AUC", format_value(audit.get("attack_auc")),
+                      f"TPR@0.1%FPR {format_value(audit.get('tpr_at_01pct_fpr'), 4)}")
     for gate in metrics.get("gates") or []:
-        table.add_row(f"gate {gate['name']}", _fmt(gate.get("value")),
+        table.add_row(f"gate {gate['name']}", format_value(gate.get("value")),
                       f"{_rich_verdict(gate.get('passed'))} ({gate['rule']} "
-                      f"{_fmt(gate.get('threshold'))})")
+                      f"{format_value(gate.get('threshold'))})")
     return table
 
 
-# --- plots ------------------------------------------------------------------------------------
+# --- formatting (shared with plots.py) ------------------------------------------------------
 
 
-def write_plots(out_dir: Path, *,
-                roc: tuple[ArrayLike, ArrayLike] | None = None,
-                calibration: tuple[ArrayLike, ArrayLike, ArrayLike] | None = None,
-                groups: Mapping[str, Any] | None = None,
-                attack_roc: tuple[ArrayLike, ArrayLike] | None = None,
-                task: str = "classification") -> list[str]:
-    """Write roc.png, calibration.png, groups.png and attack_roc.png; return the names written.
-
-    Each figure is skipped when its input is None (a regressor has no ROC;
-    no audit, no attack ROC; no sensitive column, no groups plot).
-
-    - ``roc``: (fpr, tpr) from `metrics.roc_curve`: how well the model ranks
-      positives above negatives.
-    - ``calibration``: (confidence, accuracy, count) from
-      `metrics.calibration_curve`: whether the model's stated confidence can
-      be trusted by whoever acts on it.
-    - ``groups``: `metrics.group_metrics` output: accuracy (MAE for
-      regression) of every group of every sensitive column, side by side; bars
-      of unequal height are groups the model serves unequally.
-    - ``attack_roc``: (fpr, tpr) from `audit.attack_roc_curve`, on log-log
-      axes with the diagonal of a blind guess: a curve far above the diagonal
-      at the left (low FPR) means some members can be identified confidently,
-      a privacy harm an AUC near 0.5 can hide.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written: list[str] = []
-    if roc is not None:
-        written.append(_save(_roc_figure(*roc), out_dir / "roc.png"))
-    if calibration is not None:
-        written.append(_save(_calibration_figure(*calibration), out_dir / "calibration.png"))
-    if groups:
-        written.append(_save(_groups_figure(groups, GROUP_GATE_METRIC.get(task, "accuracy")),
-                             out_dir / "groups.png"))
-    if attack_roc is not None:
-        written.append(_save(_attack_roc_figure(*attack_roc), out_dir / "attack_roc.png"))
-    return written
-
-
-def _figure(width: float, height: float) -> Figure:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), dpi=PLOT_DPI, layout="constrained")
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def _save(figure: Figure, path: Path) -> str:
-    # No "Software" entry: identical figures give identical bytes, so artifacts hash stably.
-    figure.savefig(path, format="png", metadata={"Software": None})
-    return path.name
-
-
-def _roc_figure(fpr: ArrayLike, tpr: ArrayLike) -> Figure:
-    f, t = np.asarray(fpr, dtype=float), np.asarray(tpr, dtype=float)
-    figure = _figure(5, 5)
-    ax = figure.subplots()
-    ax.plot(f, t, color="C0", label=f"model (AUC = {np.trapezoid(t, f):.3f})")
-    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="chance")
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="false positive rate", ylabel="true positive rate",
-           title="ROC curve (test set)")
-    ax.legend(loc="lower right")
-    return figure
-
-
-def _calibration_figure(confidence: ArrayLike, accuracy: ArrayLike, count: ArrayLike) -> Figure:
-    conf = np.asarray(confidence, dtype=float)
-    acc = np.asarray(accuracy, dtype=float)
-    n = np.asarray(count, dtype=float)
-    figure = _figure(5, 6)
-    top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=[3, 1])
-    top.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfectly calibrated")
-    top.plot(conf, acc, marker="o", color="C0", label="model")
-    top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title="Calibration (top-label)")
-    top.legend(loc="upper left")
-    bottom.bar(conf, n, width=1 / 30, color="C0")
-    bottom.set(xlabel="confidence (largest class probability)", ylabel="people")
-    return figure
-
-
-def _groups_figure(groups: Mapping[str, Any], metric: str) -> Figure:
-    """One panel per sensitive column, one horizontal bar per reported group.
-
-    The width is fixed and the bars stack downwards, at most `MAX_PLOT_BARS`
-    per panel, so 40 categories or 30 bins stay legible; suppressed groups
-    share one line that gives neither their metrics nor their sizes.
-    """
-    panels = [_groups_panel(column, entry, metric) for column, entry in groups.items()]
-    heights = [0.9 + 0.3 * max(1, len(rows)) for _, rows, _ in panels]
-    figure = _figure(GROUPS_PLOT_WIDTH, sum(heights) + 0.2)
-    axes = figure.subplots(len(panels), 1, squeeze=False, height_ratios=heights)[:, 0]
-    for ax, (title, rows, values) in zip(axes, panels, strict=True):
-        positions = range(len(rows))
-        bars = ax.barh(positions, [v if v is not None else 0.0 for v in values], color="C0")
-        ax.bar_label(bars, labels=[_fmt(v) if v is not None else "" for v in values],
-                     fontsize=8, padding=2)
-        ax.set_yticks(positions, rows, fontsize=8)
-        ax.invert_yaxis()
-        ax.set(xlabel=metric, title=title)
-        defined = [v for v in values if v is not None]
-        if metric in ("accuracy", "balanced_accuracy", "f1", "recall"):
-            ax.set_xlim(0, 1.12)  # room for the value labels
-        elif defined:
-            ax.set_xlim(0, max(defined) * 1.15 or 1.0)
-    return figure
-
-
-def _groups_panel(column: str, entry: Mapping[str, Any], metric: str
-                  ) -> tuple[str, list[str], list[float | None]]:
-    """(title, row labels, values) of one column's panel in the groups plot."""
-    reported = [(label, figures) for label, figures in (entry.get("groups") or {}).items()
-                if not figures.get("suppressed")]
-    suppressed = len(entry.get("groups") or {}) - len(reported)
-    title = f"{metric} by {column}"
-    if len(reported) > MAX_PLOT_BARS:
-        ranked = sorted(reported, key=lambda item: (not _number(item[1].get(metric)),
-                                                    item[1].get(metric) or 0.0))
-        half = MAX_PLOT_BARS // 2
-        title += f" ({len(reported) - 2 * half} middle groups in metrics.json)"
-        reported = ranked[:half] + ranked[-half:]
-    rows = [f"{_short(label)} (n={figures.get('n', '?')})" for label, figures in reported]
-    values = [float(figures[metric]) if _number(figures.get(metric)) else None
-              for _, figures in reported]
-    if suppressed:
-        rows.append(f"{suppressed} group{'s' if suppressed > 1 else ''} suppressed "
-                    f"(n {_suppressed_size(entry)})")
-        values.append(None)
-    return title, rows, values
-
-
-def _attack_roc_figure(fpr: ArrayLike, tpr: ArrayLike) -> Figure:
-    f, t = np.asarray(fpr, dtype=float), np.asarray(tpr, dtype=float)
-    positive = np.r_[f[f > 0], t[t > 0]]
-    # Log axes cannot show 0: draw zero rates at a floor below the smallest observed rate.
-    floor = min(float(positive.min()) if positive.size else 1e-4, 1e-3) / 2
-    figure = _figure(5, 5)
-    ax = figure.subplots()
-    ax.plot([floor, 1], [floor, 1], color="grey", linestyle="--", label="blind guess")
-    ax.step(np.maximum(f, floor), np.maximum(t, floor), where="post", color="C3",
-            label=f"loss-threshold attack (AUC = {np.trapezoid(t, f):.3f})")
-    for target in (0.01, 0.001):
-        if target > floor:
-            ax.axvline(target, color="grey", linewidth=0.5, linestyle=":")
-    ax.set(xscale="log", yscale="log", xlim=(floor, 1), ylim=(floor, 1),
-           xlabel="false positive rate (non-members accused)",
-           ylabel="true positive rate (members identified)",
-           title="Membership-inference attack")
-    ax.legend(loc="lower right")
-    return figure
-
-
-# --- formatting -------------------------------------------------------------------------------
-
-
-def _number(value: Any) -> bool:
+def is_finite_number(value: Any) -> bool:
     return (isinstance(value, (int, float, np.integer, np.floating))
             and not isinstance(value, bool) and math.isfinite(float(value)))
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
+def format_value(value: Any, digits: int = 3) -> str:
     if value is None:
         return "n/a"
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, (int, np.integer)):
         return str(value)
-    if _number(value):
+    if is_finite_number(value):
         return f"{float(value):.{digits}f}"
     return str(value)
 
 
 def _delta(value: Any) -> str:
-    return f"{float(value):.2g}" if _number(value) else "n/a"
+    return f"{float(value):.2g}" if is_finite_number(value) else "n/a"
 
 
 def _interval(interval: Sequence[Any] | None) -> str:
     if not interval or interval[0] is None or interval[1] is None:
         return "n/a"
-    return f"[{_fmt(interval[0])}, {_fmt(interval[1])}]"
+    return f"[{format_value(interval[0])}, {format_value(interval[1])}]"
 
 
 def _verdict(passed: bool | None) -> str:
@@ -558,16 +395,7 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _suppressed_size(entry: Mapping[str, Any]) -> str:
+def suppressed_size_text(entry: Mapping[str, Any]) -> str:
     """What is said of a suppressed group's size: below the threshold, never the count."""
     threshold = entry.get("min_group_size")
-    return f"< {threshold}" if _number(threshold) else "suppressed"
-
-
-def _short(label: Any) -> str:
-    text = str(label).replace("\n", " ")
-    if len(text) <= PLOT_LABEL_CHARS:
-        return text
-    # Keep both ends: long names often differ only at the end ("... region 12").
-    head = (PLOT_LABEL_CHARS - 1) // 2
-    return text[:head] + "…" + text[-(PLOT_LABEL_CHARS - 1 - head):]
+    return f"< {threshold}" if is_finite_number(threshold) else "suppressed"

@@ -1,0 +1,144 @@
+"""The stage commands: collect, clean, train, evaluate, predict and run.
+
+Each parses its options, opens the config, store and key the global options
+name, calls one stage function of `personanet.stages` and hands its result to
+`emit`. The same functions run from a notebook or a test with a `Config`, an
+`ArtifactStore` and a `MasterKey`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from personanet.cli import context
+from personanet.cli.output import emit
+
+
+def collect(
+    source: list[str] = typer.Option(None, "--source", help="File or glob to read instead of "
+                                     "dataset.source (repeatable)."),
+    force: bool = typer.Option(False, "--force", help="Recompute even if identical."),
+) -> None:
+    """Read raw records into a new encrypted `collect` artifact.
+
+    Example:
+
+        personanet --config configs/persona.toml collect --source exports/2026-*.csv.gz
+    """
+    from personanet.stages.collect import collect as run_collect
+
+    config = context.load_config()
+    emit(run_collect(config, context.open_store(config), context.load_key(),
+                     sources=source or None, force=force))
+
+
+def clean(
+    input_version: str = typer.Option(None, "--input", help="collect version (default: newest)."),
+    force: bool = typer.Option(False, "--force", help="Recompute even if identical."),
+) -> None:
+    """Dedupe, denoise, impute, pseudonymize, bound contributions and split.
+
+    Example:
+
+        personanet --config configs/persona.toml clean
+    """
+    from personanet.stages.clean import clean as run_clean
+
+    config = context.load_config()
+    emit(run_clean(config, context.open_store(config), context.load_key(),
+                   input_version=input_version, force=force))
+
+
+def train(
+    input_version: str = typer.Option(None, "--input", help="clean version (default: newest)."),
+    force: bool = typer.Option(False, "--force", help="Retrain even if identical (spends budget)."),
+    no_dp: bool = typer.Option(False, "--no-dp", help="Train without privacy, for comparison "
+                               "only (the artifact is marked non-private)."),
+    device: str = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps "
+                               "(default: train.device)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last "
+                                "checkpoint."),
+) -> None:
+    """Train PersonaNet under differential privacy (Opacus DP-SGD).
+
+    Example:
+
+        personanet --config configs/persona.toml train --device auto
+    """
+    from personanet.stages.train import train as run_train
+
+    config = context.load_config()
+    emit(run_train(config, context.open_store(config), context.load_key(),
+                   input_version=input_version, force=force, no_dp=no_dp, device=device,
+                   resume=resume))
+
+
+def evaluate(
+    model: str = typer.Option(None, "--model", help="train version (default: newest)."),
+    input_version: str = typer.Option(None, "--input", help="clean version (default: the "
+                                      "model's own)."),
+    force: bool = typer.Option(False, "--force", help="Recompute even if identical."),
+) -> None:
+    """Measure utility, fairness per group and membership-inference leakage.
+
+    Example:
+
+        personanet --config configs/persona.toml evaluate
+    """
+    from personanet.stages.evaluate import evaluate as run_evaluate
+
+    config = context.load_config()
+    emit(run_evaluate(config, context.open_store(config), context.load_key(), model_version=model,
+                       input_version=input_version, force=force))
+
+
+def predict(
+    source: str = typer.Option(None, "--input", help="CSV/CSV.gz/Parquet/NDJSON file to score "
+                               "(default: predict.source)."),
+    clean_version: str = typer.Option(None, "--clean", help="Score a clean artifact's test "
+                                      "split instead of a file."),
+    model: str = typer.Option(None, "--model", help="train version (default: newest)."),
+    output: Path = typer.Option(None, "--output", help="Also write the predictions here: "
+                                "encrypted (a .csv/.parquet/.json name is refused without "
+                                "--plaintext-output)."),
+    plaintext_output: bool = typer.Option(False, "--plaintext-output", help="Write --output "
+                                          "as plaintext CSV (predictions are about people)."),
+    device: str = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    force: bool = typer.Option(False, "--force", help="Recompute even if identical."),
+) -> None:
+    """Score new records with a trained model, in streamed batches.
+
+    Example:
+
+        personanet --config configs/persona.toml predict --input data/persona_new.csv
+    """
+    from personanet.stages.predict import predict as run_predict
+
+    config = context.load_config()
+    emit(run_predict(config, context.open_store(config), context.load_key(), source=source,
+                     clean_version=clean_version, model_version=model, output=output,
+                     plaintext_output=plaintext_output, device=device, force=force))
+
+
+def run(
+    force: str = typer.Option(None, "--force", help="Recompute from this stage on "
+                              "(collect, clean, train, evaluate, predict)."),
+    device: str = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
+) -> None:
+    """Run every stage in order, reusing identical earlier artifacts.
+
+    Example:
+
+        personanet --config configs/persona.toml run
+    """
+    from personanet.stages.pipeline import run_pipeline
+
+    config = context.load_config()
+    emit(run_pipeline(config, context.open_store(config), context.load_key(), force_from=force,
+                      device=device))
+
+
+#: registered on the app in this order (`personanet --help` lists them so)
+COMMANDS = (collect, clean, train, evaluate, predict, run)
