@@ -82,8 +82,9 @@ def assert_store_sound(config_path: Path, config: Config, store: ArtifactStore,
     reserved = [e for e in entries if e["status"] == "reserved"]
     assert budget["spent_epsilon"] == pytest.approx(sum(e["epsilon_spent"] for e in settled))
     assert budget["reserved_epsilon"] == pytest.approx(sum(e["epsilon"] for e in reserved))
+    assert budget["composed_epsilon"] <= budget["spent_epsilon"] + budget["reserved_epsilon"] + 1e-9
     assert budget["remaining_epsilon"] == pytest.approx(
-        config.budget.epsilon - budget["spent_epsilon"] - budget["reserved_epsilon"])
+        config.budget.epsilon - budget["composed_epsilon"])
     # Under the lock nothing can be left half-way: every run that trained has settled.
     assert not reserved, f"reservations left open by runs that all ended: {reserved}"
     return entries

@@ -259,17 +259,20 @@ def test_model_loads_back_and_predicts_like_in_training(tmp_path: Path) -> None:
 
 
 def test_second_forced_run_past_the_budget_exits_69_and_spends_nothing(tmp_path: Path) -> None:
-    s = setup(tmp_path, overrides="[budget]\nepsilon = 1.5\n[train]\nepsilon = 1.0\n")
+    # One run at epsilon 1 (delta 1e-5) composes to about 0.81 at the budget's delta 1e-4,
+    # two to about 1.14 by PRV (2 by addition): a budget of 1.1 takes one run, not two.
+    s = setup(tmp_path, overrides="[budget]\nepsilon = 1.1\n[train]\nepsilon = 1.0\n")
     first = train(s.config, s.store, s.key)
     ledger_before = (s.store.dataset_dir / "budget.json").read_bytes()
     with pytest.raises(BudgetExhaustedError) as refused:
         train(s.config, s.store, s.key, force=True)
     assert refused.value.exit_code == 69
     message = str(refused.value)
-    spent = privacy_of(first)["epsilon"]
+    spent = budget_summary(s.config, s.store)["composed_epsilon"]
+    assert spent < privacy_of(first)["epsilon"]  # tighter than the run's own figure
     assert "\n" not in message
-    assert f"spent epsilon {spent:.4g}" in message
-    assert "requested 1" in message and f"remaining {1.5 - spent:.4g}" in message
+    assert f"spent epsilon {spent:.4g} composed by prv" in message
+    assert "this run would add" in message and f"remaining {1.1 - spent:.4g}" in message
     assert (s.store.dataset_dir / "budget.json").read_bytes() == ledger_before
     assert [a.version for a in s.store.versions("train")] == [first.version]
     assert not any((s.store.dataset_dir / "checkpoints").glob("*"))
@@ -316,7 +319,11 @@ def test_run_failing_after_steps_stays_counted(tmp_path: Path,
     summary = budget_summary(s.config, s.store)
     assert summary["entries"][0]["status"] == "reserved"
     assert summary["reserved_epsilon"] == 1.0
-    assert summary["remaining_epsilon"] == pytest.approx(s.config.budget.epsilon - 1.0)
+    # The killed run counts its full plan (epsilon 1), composed at the budget's delta.
+    assert summary["reserved_epsilon"] == pytest.approx(1.0)
+    assert summary["remaining_epsilon"] == pytest.approx(
+        s.config.budget.epsilon - summary["composed_epsilon"])
+    assert 0 < summary["composed_epsilon"] <= 1.0 + 1e-9
 
 
 # ----------------------------------------------------------------------- modes
@@ -534,7 +541,11 @@ def test_sigkilled_run_stays_counted_and_resume_ends_like_an_uninterrupted_run(
     summary = budget_summary(s.config, s.store)
     assert [e["status"] for e in summary["entries"]] == ["reserved"]
     assert summary["reserved_epsilon"] == 1.0
-    assert summary["remaining_epsilon"] == pytest.approx(s.config.budget.epsilon - 1.0)
+    # The killed run counts its full plan (epsilon 1), composed at the budget's delta.
+    assert summary["reserved_epsilon"] == pytest.approx(1.0)
+    assert summary["remaining_epsilon"] == pytest.approx(
+        s.config.budget.epsilon - summary["composed_epsilon"])
+    assert 0 < summary["composed_epsilon"] <= 1.0 + 1e-9
     shown = cli("--config", s.config_path, "--artifacts", s.root, "--json", "budget", "show")
     assert shown.code == 0 and shown.json()["reserved_epsilon"] == 1.0
 

@@ -4,7 +4,8 @@ One module per concept:
 
 - `accounting`: epsilon of DP-SGD from its public parameters (Opacus' accountants), and
   noise calibration for a target epsilon in bounded time.
-- `composition`: how the runs of a dataset add up against its budget.
+- `composition`: how the runs of a dataset compose against its budget (DP-SGD runs
+  tightly, by PRV over their joined histories; anything else by addition).
 - `ledger`: the sealed per-dataset budget ledger (reserve, settle, pin) and the summary
   ``budget show`` prints (drawn by `personanet.reporting.budget`).
 - `record`: ``privacy.json``, a trained model's privacy claim.

@@ -1,13 +1,11 @@
 """The ledger: every (epsilon, delta) a dataset's training runs may spend and did spend.
 
-Stored at ``<artifact root>/<dataset>/budget.json``. A run *reserves* its requested budget
-before its first optimisation step and *settles* it at the accountant's final epsilon when
-it ends. A run that dies (SIGKILL, power cut, an exception after the first step) keeps its
-full reservation counted: the ledger never assumes that lost work leaked less than
-planned. A reservation is released (counted as zero) only when the run stopped before its
-first step. How entries add up is `personanet.privacy.composition`. The budget itself is
-pinned in the ledger at the first charge and changed only by `Ledger.set_budget`
-(``personanet budget set``); the file is sealed with an HMAC under the master key.
+Stored at ``<artifact root>/<dataset>/budget.json``. A run *reserves* its plan before its
+first step and *settles* at the accountant's final figure when it ends; one that dies
+(SIGKILL, power cut, an exception after the first step) stays counted in full, and only
+one that stopped before its first step is released. How entries compose (tightly, for
+DP-SGD runs) is `personanet.privacy.composition`. The budget is pinned at the first charge
+and changed only by `Ledger.set_budget`; the file is sealed with an HMAC under the master key.
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from personanet.errors import IntegrityError, KeyAccessError, OutputError, UsageError
 from personanet.privacy import composition
-from personanet.privacy.composition import SLACK, check_budget, effective_budget
+from personanet.privacy.composition import SLACK, check_budget, dpsgd_phase, effective_budget
 from personanet.store.artifacts import new_version, utc_now
 from personanet.store.fsutil import atomic_write_bytes
 
@@ -108,12 +106,14 @@ class Ledger:
         return next((e for e in self.entries if e.get("run_id") == run_id), None)
 
     def totals(self) -> dict[str, float]:
-        """Settled and reserved (epsilon, delta); a reservation counts in full."""
+        """Settled and reserved (epsilon, delta) summed; a reservation counts in full."""
         return composition.totals(self.entries)
 
     def check(self, *, epsilon: float, delta: float, budget_epsilon: float,
-              budget_delta: float) -> None:
-        """Would a run of (epsilon, delta) be allowed now? (`reserve` checks again.)
+              budget_delta: float, **parameters: Any) -> None:
+        """Would a run of (epsilon, delta) be allowed now? (`reserve` checks again.) With
+        its `parameters` (noise_multiplier, sample_rate, steps_planned) it is composed as
+        `reserve` would; without, only whether any budget is left (`check_budget`).
 
         Raises:
             BudgetExhaustedError: (69) it would not fit, or the config's budget is above
@@ -123,8 +123,11 @@ class Ledger:
         self._check_covers_models(doc)
         limit = effective_budget(doc, dataset=self.store.dataset,
                                  budget_epsilon=budget_epsilon, budget_delta=budget_delta)
-        check_budget(doc["entries"], dataset=self.store.dataset, epsilon=epsilon, delta=delta,
-                     budget_epsilon=limit[0], budget_delta=limit[1])
+        run = {"status": "reserved", "epsilon": float(epsilon), "delta": float(delta),
+               **parameters}
+        check_budget(doc["entries"], dataset=self.store.dataset, planned=run,
+                     budget_epsilon=limit[0], budget_delta=limit[1],
+                     room_only=dpsgd_phase(run) is None)
 
     def verify(self) -> None:
         """Check the ledger (seal, and that it records every private model of the store):
@@ -152,10 +155,10 @@ class Ledger:
     def reserve(self, *, epsilon: float, delta: float, budget_epsilon: float,
                 budget_delta: float, run_id: str | None = None, **details: Any
                 ) -> dict[str, Any]:
-        """Reserve (epsilon, delta) for a run before its first step.
-
-        `budget_epsilon` and `budget_delta` are the config's; the ledger's pinned budget
-        wins where it is lower, and the config's pins the budget when none is pinned yet.
+        """Reserve (epsilon, delta) for a run before its first step. Its `details` carry
+        its DP-SGD plan (noise_multiplier, sample_rate, steps_planned): the run is then
+        composed, with its full plan, with every run before it. `budget_epsilon` and
+        `budget_delta` are the config's; the pin wins where lower, and the config's pins it.
 
         Raises:
             BudgetExhaustedError: the reservation would take the dataset past its
@@ -168,8 +171,15 @@ class Ledger:
             limit = effective_budget(doc, dataset=self.store.dataset,
                                      budget_epsilon=budget_epsilon, budget_delta=budget_delta,
                                      log=True)
-            check_budget(doc["entries"], dataset=self.store.dataset, epsilon=epsilon,
-                         delta=delta, budget_epsilon=limit[0], budget_delta=limit[1])
+            entry = {
+                "run_id": run_id or new_version(), "status": "reserved", "private": True,
+                "epsilon": float(epsilon), "delta": float(delta), "epsilon_spent": None,
+                "delta_spent": None, "reserved_at": utc_now(), "settled_at": None,
+                "version": None, "pid": os.getpid(), **details,
+            }
+            # The reservation is the composition including this run's full plan.
+            check_budget(doc["entries"], dataset=self.store.dataset, planned=entry,
+                         budget_epsilon=limit[0], budget_delta=limit[1])
             if not doc.get("budget"):
                 legacy = bool(doc["entries"])
                 _pin(doc, epsilon=budget_epsilon, delta=budget_delta, action="pinned",
@@ -181,13 +191,6 @@ class Ledger:
                             "(from the config%s); only `personanet budget set` changes it",
                             self.store.dataset, budget_epsilon, budget_delta,
                             ", the ledger predates pinning" if legacy else "")
-            entry = {
-                "run_id": run_id or new_version(), "status": "reserved", "private": True,
-                "epsilon": float(epsilon), "delta": float(delta),
-                "epsilon_spent": None, "delta_spent": None,
-                "reserved_at": utc_now(), "settled_at": None, "version": None,
-                "pid": os.getpid(), **details,
-            }
             doc["entries"].append(entry)
             self._write(doc)
             return entry
@@ -244,8 +247,7 @@ class Ledger:
             _pin(doc, **{k: record[k] for k in ("epsilon", "delta", "action", "source",
                                                  "reason", "key_id")})
             self._write(doc)
-            spent = composition.totals(doc["entries"])
-            counted = spent["settled_epsilon"] + spent["reserved_epsilon"]
+            counted = composition.compose(doc["entries"], delta=new_delta).epsilon
             if counted > epsilon + SLACK:
                 logger.warning("dataset %r has already spent epsilon %.4g, more than the new "
                                "budget %g: no private run is allowed until it is raised",
@@ -394,14 +396,16 @@ def _pin(doc: dict[str, Any], *, epsilon: float, delta: float, action: str, sour
 
 def budget_summary(config: Config, store: ArtifactStore, key: MasterKey | None = None
                    ) -> dict[str, Any]:
-    """What `personanet budget show` prints: budget, spent, reserved, remaining, entries.
+    """What `personanet budget show` prints (and ``--json``).
 
-    `budget_*` is the budget in force: the pinned one, or the config's where it is lower
-    (the config's while nothing is pinned). `spent_*` are settled runs; `reserved_*` are
-    runs that have not settled (running, or killed: those stay counted until resumed to
-    the end); `remaining_*` is the budget in force minus both. `budget_history` lists
-    every change of the pin. With `key` the ledger's seal is checked
-    (``authenticated: true``); without, its figures are shown as read.
+    `budget_*`: the budget in force (the pinned one, or the config's where lower).
+    `composed_epsilon`: what every counted run spends together at `budget_delta`, by
+    `composition_method` (`personanet.privacy.composition`); `remaining_epsilon` is the
+    budget minus it. `spent_*` (settled) and `reserved_*` (unfinished, killed included)
+    are the runs' own figures summed; `added_epsilon`, their total, is what addition
+    would charge. `next_run`: what one more run like the last one would add (the
+    config's own plan is known only once train has read the rows). With `key` the
+    ledger's seal is checked (``authenticated: true``).
     """
     ledger = Ledger(store, key)
     doc = ledger.read()
@@ -414,11 +418,9 @@ def budget_summary(config: Config, store: ArtifactStore, key: MasterKey | None =
         budget_delta = min(config_delta, float(pinned["delta"]))
     else:
         budget_eps, budget_delta = config_eps, config_delta
-    counted_eps = spent["settled_epsilon"] + spent["reserved_epsilon"]
-    counted_delta = spent["settled_delta"] + spent["reserved_delta"]
+    composed = composition.compose(entries, delta=budget_delta)
     return {
-        "dataset": store.dataset,
-        "ledger": str(ledger.path),
+        "dataset": store.dataset, "ledger": str(ledger.path),
         "authenticated": ledger.authenticated,
         "budget_epsilon": budget_eps,
         "budget_delta": budget_delta,
@@ -430,12 +432,17 @@ def budget_summary(config: Config, store: ArtifactStore, key: MasterKey | None =
         "config_above_pin": bool(pinned) and (config_eps > float(pinned["epsilon"])
                                               or config_delta > float(pinned["delta"])),
         "budget_history": list(doc.get("budget_history") or []),
+        "composed_epsilon": composed.epsilon,
+        "composition_method": composed.method,
+        "added_epsilon": composed.added_epsilon,
         "spent_epsilon": spent["settled_epsilon"],
         "spent_delta": spent["settled_delta"],
         "reserved_epsilon": spent["reserved_epsilon"],
         "reserved_delta": spent["reserved_delta"],
-        "remaining_epsilon": max(budget_eps - counted_eps, 0.0),
-        "remaining_delta": max(budget_delta - counted_delta, 0.0),
+        "remaining_epsilon": max(budget_eps - composed.epsilon, 0.0),
+        "remaining_delta": max(budget_delta - composed.other_delta, 0.0),
+        "next_run": composition.next_run_cost(entries, delta=budget_delta,
+                                              train_epsilon=config.train.epsilon),
         "private_runs": sum(1 for e in entries if e.get("private", True)),
         "non_private_runs": sum(1 for e in entries if not e.get("private", True)),
         "entries": entries,

@@ -85,15 +85,39 @@ def _render_runs(summary: dict[str, Any]) -> Table:
                       eps_text, delta_text, str(entry.get("accountant") or "-"), steps_text,
                       str(entry.get("version") or "-"))
     table.caption = (
-        f"epsilon: spent {summary['spent_epsilon']:.4g} + reserved "
-        f"{summary['reserved_epsilon']:.4g}, remaining {summary['remaining_epsilon']:.4g} of "
-        f"{summary['budget_epsilon']:.4g}   delta: spent {summary['spent_delta']:.3g} + reserved "
-        f"{summary['reserved_delta']:.3g}, remaining {summary['remaining_delta']:.3g} of "
-        f"{summary['budget_delta']:.3g}"
+        f"epsilon: spent {_composed(summary)}; by addition {summary['added_epsilon']:.4g} "
+        f"(settled {summary['spent_epsilon']:.4g} + reserved "
+        f"{summary['reserved_epsilon']:.4g}); remaining {summary['remaining_epsilon']:.4g} of "
+        f"{summary['budget_epsilon']:.4g}\ndelta: {summary['budget_delta']:.3g}, of which "
+        f"{summary['budget_delta'] - summary['remaining_delta']:.3g} spent by runs without "
+        "DP-SGD parameters (the DP-SGD runs are composed at what is left)"
     )
+    table.caption += "\n" + _next_run(summary)
     if summary["non_private_runs"]:
         table.caption += (f"\n{summary['non_private_runs']} non-private (--no-dp) run(s): "
                           "those models carry no DP guarantee")
     table.caption_justify = "left"
     return table
 
+
+
+def _composed(summary: dict[str, Any]) -> str:
+    """The epsilon every counted run spends together (reservations included), and how."""
+    how = {"prv": "composed by PRV", "rdp": "composed by RDP",
+           "addition": "the runs' own figures added up, lower than composed"
+           }.get(str(summary.get("composition_method")), "by addition")
+    return (f"{summary['composed_epsilon']:.4g} ({how}, at delta "
+            f"{summary['budget_delta']:.3g}, reservations included)")
+
+
+def _next_run(summary: dict[str, Any]) -> str:
+    """What one more run would cost, and on what that figure rests."""
+    nxt = summary["next_run"]
+    if nxt["basis"] == "config":
+        return (f"one more run at the config's train.epsilon costs at most "
+                f"{nxt['epsilon']:.4g} (no DP-SGD run recorded yet to compose it with)")
+    return (f"one more run identical to the last one ({nxt['like_run']}: noise "
+            f"{nxt['noise_multiplier']:.4g}, sample rate {nxt['sample_rate']:.4g}, "
+            f"{nxt['steps']} steps) would add epsilon {nxt['epsilon']:.4g} (composed total "
+            f"{nxt['composed_epsilon']:.4g}; {nxt['epsilon_by_addition']:.4g} by addition); "
+            "the config's own plan is known only once train has read the rows")
