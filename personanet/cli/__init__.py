@@ -8,6 +8,7 @@ options name (`context`), calls one library function and prints its result
 here or in the command modules, so `--help` is fast.
 
 - `stage_commands`: collect, clean, train, evaluate, predict, run
+- `serve_commands`: serve (the scoring service of `personanet.serving`)
 - `artifact_commands`, `key_commands`, `budget_commands`: the sub-apps
   `artifacts`, `keys` and `budget`
 """
@@ -23,7 +24,14 @@ from typing import NoReturn
 import typer
 
 from personanet import __version__
-from personanet.cli import artifact_commands, budget_commands, context, key_commands, stage_commands
+from personanet.cli import (
+    artifact_commands,
+    budget_commands,
+    context,
+    key_commands,
+    serve_commands,
+    stage_commands,
+)
 from personanet.errors import InternalError, PersonaNetError, UsageError
 
 #: options accepted before or after the command name (hoisted before parsing)
@@ -43,6 +51,7 @@ app.add_typer(key_commands.app, name="keys")
 app.add_typer(budget_commands.app, name="budget")
 for _command in stage_commands.COMMANDS:
     app.command()(_command)
+app.command()(serve_commands.serve)
 
 
 def _print_version(value: bool) -> None:
