@@ -2,8 +2,8 @@
 
 Every encrypted file opens with this fixed-size header (``docs/encryption.md`` gives it
 byte by byte, with the attack each field stops). It names the master key by its public
-id and carries the file's random data key wrapped under that key's KEK; the chunks that
-follow are `store.crypto`'s.
+id and carries the file's random data key wrapped under that key's KEK, which
+``rewrap_file`` moves to another master key; the chunks that follow are `store.crypto`'s.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import hashlib
 import hmac
 import os
 import secrets
+import shutil
+import stat
 import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,6 +23,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from personanet.errors import InputMissingError, IntegrityError, KeyAccessError
+from personanet.store.fsutil import TMP_PREFIX, atomic_write
 from personanet.store.keys import KEK_PURPOSE, KEY_BYTES, KEY_ID_BYTES, MasterKey
 
 # The sane range keeps a crafted header from making the reader allocate gigabytes
@@ -45,6 +48,8 @@ _WRAP_AAD = struct.Struct(
 )
 _BODY_SIZE = _WRAP_AAD.size + _WRAPPED_KEY_BYTES
 HEADER_SIZE = _BODY_SIZE + _CHECKSUM_BYTES
+# A rewrap copies the chunks after the header in pieces this large.
+_COPY_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -171,6 +176,42 @@ def unwrap_data_key(header: Header, key: MasterKey, name: str) -> bytes:
         raise IntegrityError(
             f"file {name}: the data key failed authentication (header tampered with)"
         ) from None
+
+
+def rewrap_file(path: Path, old: MasterKey, new: MasterKey) -> None:
+    """Re-wrap the data key of ``path`` under ``new`` without touching the payload.
+
+    Only the header changes: the chunks are copied byte for byte, since their AAD holds
+    no key id or wrap. The new file is written beside the old one, fsynced and renamed
+    over it, so each file is always wholly under one key or the other. A file already
+    under ``new`` is left alone, so an interrupted rotation can simply be run again.
+
+    Note that rewrapping does not re-encrypt: anyone who held the old master key *and*
+    a copy of the old header can still read the payload. Rotation protects against
+    future use of a retired key, not against a past compromise.
+
+    Raises:
+        KeyAccessError: the file is under neither ``old`` nor ``new``.
+        IntegrityError: the header is corrupt or its wrap fails to authenticate.
+        InputMissingError: the file does not exist or cannot be read.
+        OutputError: the new file cannot be written.
+    """
+    path = Path(path)
+    with open_input(path) as src:
+        header = parse_header(read_up_to(src, HEADER_SIZE), str(path))
+        if header.key_id == new.key_id:
+            return
+        data_key = unwrap_data_key(header, old, str(path))
+        rewrapped = new_header(new, header.chunk_size, data_key, header.nonce_prefix)
+        mode = stat.S_IMODE(os.fstat(src.fileno()).st_mode)
+        # Leftovers of an interrupted rotation (this version's or an older one's) hold
+        # only ciphertext: safe to discard.
+        for leftover in [path.with_name(f"{path.name}.rewrap-tmp"),
+                         *path.parent.glob(f"{TMP_PREFIX}{path.name}-*")]:
+            leftover.unlink(missing_ok=True)
+        with atomic_write(path, mode=mode) as out:
+            out.write(rewrapped.to_bytes())
+            shutil.copyfileobj(src, out, _COPY_BYTES)
 
 
 # --------------------------------------------------------------------------- reading
