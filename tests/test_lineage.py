@@ -129,3 +129,10 @@ def test_without_the_sources_the_chain_asks_for_an_explicit_version(
     finally:
         moved.rename(built.csv)
     assert json.loads(cli("--json", "--config", built.config, "evaluate").stdout)["reused"]
+
+
+@pytest.mark.parametrize("command", ["clean", "train", "evaluate", "predict"])
+def test_help_names_the_chain_as_the_default_input_not_the_newest(cli, command: str) -> None:
+    result = cli(command, "--help")
+    assert result.code == 0
+    assert "chain" in result.stdout and "newest" not in result.stdout

@@ -35,7 +35,8 @@ def collect(
 
 
 def clean(
-    input_version: str = typer.Option(None, "--input", help="collect version (default: newest)."),
+    input_version: str = typer.Option(
+        None, "--input", help="collect version (default: the current config's chain's)."),
     force: bool = typer.Option(False, "--force", help="Recompute even if identical."),
 ) -> None:
     """Dedupe, denoise, impute, pseudonymize, bound contributions and split.
@@ -52,7 +53,8 @@ def clean(
 
 
 def train(
-    input_version: str = typer.Option(None, "--input", help="clean version (default: newest)."),
+    input_version: str = typer.Option(
+        None, "--input", help="clean version (default: the current config's chain's)."),
     force: bool = typer.Option(False, "--force", help="Retrain even if identical (spends budget)."),
     no_dp: bool = typer.Option(False, "--no-dp", help="Train without privacy, for comparison "
                                "only (the artifact is marked non-private)."),
@@ -76,7 +78,8 @@ def train(
 
 
 def evaluate(
-    model: str = typer.Option(None, "--model", help="train version (default: newest)."),
+    model: str = typer.Option(
+        None, "--model", help="train version (default: the current config's chain's model)."),
     input_version: str = typer.Option(None, "--input", help="clean version (default: the "
                                       "model's own)."),
     force: bool = typer.Option(False, "--force", help="Recompute even if identical."),
@@ -99,7 +102,8 @@ def predict(
                                "(default: predict.source)."),
     clean_version: str = typer.Option(None, "--clean", help="Score a clean artifact's test "
                                       "split instead of a file."),
-    model: str = typer.Option(None, "--model", help="train version (default: newest)."),
+    model: str = typer.Option(
+        None, "--model", help="train version (default: the current config's chain's model)."),
     output: Path = typer.Option(None, "--output", help="Also write the predictions here: "
                                 "encrypted (a .csv/.parquet/.json name is refused without "
                                 "--plaintext-output)."),
