@@ -142,3 +142,16 @@ def all_bytes_under(root: Path) -> bytes:
         if path.is_file():
             buffer.write(path.read_bytes())
     return buffer.getvalue()
+
+
+def ledger_config(tmp_path: Path, *, epsilon: float, delta: float = 1e-4):
+    """The smallest valid config around a budget: what ledger tests need and nothing more."""
+    from personanet.config import parse_config
+
+    raw = {
+        "dataset": {"name": "people", "target": "y", "privacy_unit": "id"},
+        "columns": {"id": {"role": "identifier"}, "x": {"type": "numeric", "bounds": [0, 1]},
+                    "y": {"role": "target", "categories": ["a", "b"]}},
+        "budget": {"epsilon": epsilon, "delta": delta},
+    }
+    return parse_config(raw, path=tmp_path / "c.toml")

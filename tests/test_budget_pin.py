@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from personanet.config import parse_config
 from personanet.errors import (
     BudgetExhaustedError,
     IntegrityError,
@@ -27,19 +26,13 @@ from personanet.privacy.ledger import Ledger, budget_summary
 from personanet.store.artifacts import ArtifactStore
 from personanet.store.keys import MasterKey, write_key_file
 
-from .conftest import write_config
+from .conftest import ledger_config, write_config
 
 # ----------------------------------------------------------------------- helpers
 
 
 def _config(tmp_path: Path, *, epsilon: float, delta: float = 1e-4):
-    raw = {
-        "dataset": {"name": "people", "target": "y", "privacy_unit": "id"},
-        "columns": {"id": {"role": "identifier"}, "x": {"type": "numeric", "bounds": [0, 1]},
-                    "y": {"role": "target", "categories": ["a", "b"]}},
-        "budget": {"epsilon": epsilon, "delta": delta},
-    }
-    return parse_config(raw, path=tmp_path / "c.toml")
+    return ledger_config(tmp_path, epsilon=epsilon, delta=delta)
 
 
 def _store(tmp_path: Path) -> ArtifactStore:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from personanet.config import BudgetConfig, Config, DatasetConfig, parse_config
+from personanet.config import BudgetConfig, Config, DatasetConfig
 from personanet.errors import BudgetExhaustedError, IntegrityError
 from personanet.models.tabular import PersonaLoss, PersonaNet
 from personanet.privacy.accounting import compute_epsilon
@@ -22,7 +22,7 @@ from personanet.privacy.ledger import Ledger, budget_summary
 from personanet.reporting.budget import render_budget
 from personanet.store.artifacts import ArtifactStore
 from personanet.store.keys import MasterKey
-from tests.conftest import ROOT
+from tests.conftest import ROOT, ledger_config
 
 # Opacus' reference paths warn that the first layer's input needs no gradient (true and
 # harmless) and that torchcsprng is not in use (these tests compare arithmetic only).
@@ -59,13 +59,7 @@ def test_more_noise_fewer_steps_or_smaller_rate_spend_less() -> None:
 
 
 def _config(tmp_path: Path, *, epsilon: float = 3.0, delta: float = 1e-4) -> Config:
-    raw = {
-        "dataset": {"name": "people", "target": "y", "privacy_unit": "id"},
-        "columns": {"id": {"role": "identifier"}, "x": {"type": "numeric", "bounds": [0, 1]},
-                    "y": {"role": "target", "categories": ["a", "b"]}},
-        "budget": {"epsilon": epsilon, "delta": delta},
-    }
-    return parse_config(raw, path=tmp_path / "c.toml")
+    return ledger_config(tmp_path, epsilon=epsilon, delta=delta)
 
 
 #: the master key that seals the ledgers of these tests (a mutation needs one)

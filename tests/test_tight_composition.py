@@ -16,7 +16,7 @@ import dp_accounting
 import pytest
 from dp_accounting import pld, rdp
 
-from personanet.config import Config, parse_config
+from personanet.config import Config
 from personanet.errors import BudgetExhaustedError
 from personanet.privacy import composition
 from personanet.privacy.accounting import AccountantError, compute_epsilon
@@ -25,7 +25,7 @@ from personanet.privacy.ledger import Ledger, budget_summary
 from personanet.store.artifacts import ArtifactStore
 from personanet.store.keys import MasterKey, write_key_file
 
-from .conftest import write_config
+from .conftest import ledger_config, write_config
 
 ADD_OR_REMOVE = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
 RELATIVE = 0.05
@@ -48,13 +48,7 @@ def reference(kind: str, history: list[tuple[float, float, int]], delta: float) 
 
 
 def _config(tmp_path: Path, *, epsilon: float = 10.0, delta: float = 1e-4) -> Config:
-    raw = {
-        "dataset": {"name": "people", "target": "y", "privacy_unit": "id"},
-        "columns": {"id": {"role": "identifier"}, "x": {"type": "numeric", "bounds": [0, 1]},
-                    "y": {"role": "target", "categories": ["a", "b"]}},
-        "budget": {"epsilon": epsilon, "delta": delta},
-    }
-    return parse_config(raw, path=tmp_path / "c.toml")
+    return ledger_config(tmp_path, epsilon=epsilon, delta=delta)
 
 
 def _plan(sigma: float, q: float, steps: int) -> dict:
