@@ -7,7 +7,7 @@ CONFIG ?= configs/persona.toml
 DEMO_KEY := .personanet/demo.key
 
 .DEFAULT_GOAL := help
-.PHONY: help install dev run test lint bench clean-artifacts
+.PHONY: help install dev run run-forms test lint bench clean-artifacts
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
@@ -38,8 +38,13 @@ $(DEMO_KEY): | $(VENV)/.installed
 run: install $(DEMO_KEY) ## run the whole pipeline on the bundled sample
 	PERSONANET_KEY_FILE=$${PERSONANET_KEY_FILE:-$(DEMO_KEY)} $(BIN)/personanet --config $(CONFIG) run
 
-test: dev ## run the whole test suite (slow tests included)
-	$(BIN)/python -m pytest -q
+run-forms: ## run the whole pipeline on the bundled image sample (configs/forms.toml)
+	$(MAKE) run CONFIG=configs/forms.toml
+
+# scripts/pg-scratch starts a throwaway PostgreSQL (initdb in a temporary folder, a loopback
+# port), exports PERSONANET_TEST_PG_URI for the database tests, and stops it afterwards.
+test: dev ## run the whole test suite (slow tests included) beside a scratch PostgreSQL
+	scripts/pg-scratch run $(BIN)/python -m pytest -q
 
 lint: dev ## ruff, and the layer rules of docs/architecture.md (import-linter)
 	$(BIN)/ruff check .

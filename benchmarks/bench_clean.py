@@ -153,9 +153,10 @@ def personanet(csv: Path, root: Path) -> dict[str, float]:
     store = ArtifactStore(root, config.dataset.name)
     key = MasterKey.generate()
     start = time.perf_counter()
-    collect(config, store, key, sources=[str(csv)])
+    collected = collect(config, store, key, sources=[str(csv)])
     middle = time.perf_counter()
-    result = clean(config, store, key)
+    # --sources is not the config's chain: clean the version just collected.
+    result = clean(config, store, key, input_version=collected.version)
     end = time.perf_counter()
     return {"seconds": end - start, "collect_seconds": middle - start,
             "clean_seconds": end - middle, "figures": result.figures}

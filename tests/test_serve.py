@@ -5,8 +5,8 @@ private root (tests/store_trust.py), with age's invalid and out-of-bounds values
 quarantined so that a record can break a rule. Checked: the bearer token (401),
 body and batch limits (413), rule violations named without the value (422), the
 same scores as `personanet predict` for the same rows, no identifier or body in
-the logs, the refusal of a non-private model, and a SIGHUP reload under load that
-drops no request.
+the logs, the refusal of a non-private model, and a reload under load (SIGHUP, or
+the `--watch` poll) that drops no request.
 """
 
 from __future__ import annotations
@@ -241,8 +241,23 @@ def test_a_non_private_model_is_refused_without_allow_no_dp(built: Built, tmp_pa
 
 def test_sighup_swaps_to_a_newer_gated_model_under_load(built: Built, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    swap_under_load(built, tmp_path, monkeypatch,
+                    lambda running: running.process.send_signal(signal.SIGHUP))
+
+
+def test_watch_swaps_to_a_newer_gated_model_under_load(built: Built, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--watch 0.3`: no signal, the poll finds the newer gated model by itself."""
+    logs = swap_under_load(built, tmp_path, monkeypatch, lambda running: None, "--watch", "0.3")
+    assert "no newer gated model" not in logs  # the poll is silent while nothing changes
+
+
+def swap_under_load(built: Built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                    trigger: object, *args: str) -> str:
+    """Four clients score without pause while a newer model is trained and evaluated, then
+    `trigger(server)`; every request answers 200, by the old model or the new one."""
     root = copy_of(built, tmp_path)
-    running = start(built, root, tmp_path / "reload.log")
+    running = start(built, root, tmp_path / "reload.log", *args)
     statuses: list[int] = []
     versions: set[str] = set()
     done = threading.Event()
@@ -264,7 +279,7 @@ def test_sighup_swaps_to_a_newer_gated_model_under_load(built: Built, tmp_path: 
         assert run_cli([*base, "evaluate"]) == 0
         newer = sorted((root / "persona" / "train").iterdir())[-1].name
         assert newer != built.versions["train"]
-        running.process.send_signal(signal.SIGHUP)
+        trigger(running)  # type: ignore[operator]
         deadline = time.monotonic() + 30
         while running.call("GET", "/v1/model")[1]["version"] != newer:
             assert time.monotonic() < deadline, running.logs()
@@ -278,6 +293,7 @@ def test_sighup_swaps_to_a_newer_gated_model_under_load(built: Built, tmp_path: 
     assert statuses and set(statuses) == {200}
     assert versions == {built.versions["train"], newer}
     assert f"reloaded: {built.versions['train']} -> {newer}" in running.logs()
+    return running.logs()
 
 
 def test_no_server_without_a_strong_token(built: Built, tmp_path: Path,

@@ -67,6 +67,8 @@ class ColumnRule:
     def stages(self) -> list[list[pl.Expr]]:
         if self.col.role == "identifier":
             return self._identifier()
+        if self.col.kind == "image":
+            return self._image()
         if self.col.kind == "categorical":
             return self._categorical()
         return self._number_or_datetime()
@@ -77,6 +79,14 @@ class ColumnRule:
         self.flags.append((self.col.name, "missing"))
         missing = normalized_text(pl.col(self.col.name), self.col.case).is_null()
         return [[missing.alias(self.t("missing"))], [], [], []]
+
+    def _image(self) -> list[list[pl.Expr]]:
+        import polars as pl
+
+        # Decoded before the plan runs (cleaning.images.decoded_columns): Pillow is no
+        # polars expression. The reason is the decoder's; the value its pixels.
+        self.reason = pl.col(self.t("image_reason"))
+        return [[], [], [], self._outcome(pl.col(self.t("pixels")))]
 
     def _number_or_datetime(self) -> list[list[pl.Expr]]:
         import polars as pl

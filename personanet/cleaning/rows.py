@@ -257,6 +257,11 @@ class RowTransform:
             self.flags += rule.flags
         reasons += self.last_checks
 
+        images = [c for c in self._active() if c.kind == "image"]
+        if images:
+            from personanet.cleaning.images import decoded_columns
+
+            raw = raw.with_columns(decoded_columns(raw, images))
         frame = raw.lazy()
         for exprs in stages:
             if exprs:

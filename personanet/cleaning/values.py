@@ -15,6 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 from personanet.config import ColumnConfig, Config
 from personanet.errors import ConfigError
+from personanet.sources.images import (
+    IMAGE_TOO_LARGE,
+    MISSING_FILE,
+    PATH_OUTSIDE_FOLDER,
+    UNDECODABLE_IMAGE,
+)
 
 if TYPE_CHECKING:
     import polars as pl
@@ -39,9 +45,18 @@ INVALID_TARGET = "invalid_target"
 UNKNOWN_TARGET = "unknown_target"
 UNKNOWN_SPLIT_VALUE = "unknown_split_value"
 SPLIT_CONFLICT = "split_conflict"
+# An image column's reasons (personanet.cleaning.images; the first four are collect's).
+EMPTY_IMAGE = "empty_image"
+TRUNCATED_IMAGE = "truncated_image"
+NOT_8BIT = "not_8bit"
+WRONG_MODE = "wrong_mode"
+WRONG_SIZE = "wrong_size"
+CONSTANT_IMAGE = "constant_image"
+IMAGE_REASONS = (PATH_OUTSIDE_FOLDER, MISSING_FILE, IMAGE_TOO_LARGE, UNDECODABLE_IMAGE,
+                 EMPTY_IMAGE, TRUNCATED_IMAGE, NOT_8BIT, WRONG_MODE, WRONG_SIZE, CONSTANT_IMAGE)
 REASONS = (MISSING_PRIVACY_UNIT, INVALID_VALUE, OUT_OF_BOUNDS, IN_FUTURE, UNKNOWN_CATEGORY,
            MISSING_VALUE, MISSING_TARGET, INVALID_TARGET, UNKNOWN_TARGET, UNKNOWN_SPLIT_VALUE,
-           SPLIT_CONFLICT)
+           SPLIT_CONFLICT, *IMAGE_REASONS)
 
 #: datetime text formats accepted, tried in order; a value matching none is invalid.
 #: Values without an offset are UTC. The first two are the common exact ISO shapes,

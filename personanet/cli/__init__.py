@@ -31,6 +31,7 @@ from personanet.cli import (
     key_commands,
     serve_commands,
     stage_commands,
+    tune_commands,
 )
 from personanet.errors import InternalError, PersonaNetError, UsageError
 
@@ -52,6 +53,7 @@ app.add_typer(budget_commands.app, name="budget")
 for _command in stage_commands.COMMANDS:
     app.command()(_command)
 app.command()(serve_commands.serve)
+app.command()(tune_commands.tune)
 
 
 def _print_version(value: bool) -> None:

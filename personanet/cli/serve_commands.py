@@ -27,11 +27,15 @@ def serve(
                                   "(more: 413)."),
     max_body: int = typer.Option(1_000_000, "--max-body", min=1, help="Largest request body "
                                  "in bytes (larger: 413)."),
+    watch: float = typer.Option(None, "--watch", min=0.1, metavar="SECONDS",
+                                help="Look for a newer gated model every SECONDS and swap "
+                                "to it without dropping requests (as SIGHUP does).",
+                                show_default=False),
 ) -> None:
     """Score records over HTTP: POST /v1/predict, GET /v1/model, GET /healthz.
 
-    Every request needs `Authorization: Bearer TOKEN`; SIGHUP swaps to a newer gated
-    model without dropping requests.
+    Every request needs `Authorization: Bearer TOKEN`; SIGHUP (or `--watch SECONDS`)
+    swaps to a newer gated model without dropping requests.
 
     Example:
 
@@ -45,4 +49,5 @@ def serve(
     config = context.load_config()
     run_serve(config, context.open_store(config), context.load_key(),
               token=read_token(token_file), model_version=model, host=host, port=port,
-              allow_no_dp=allow_no_dp, limits=Limits(max_body=max_body, max_batch=max_batch))
+              allow_no_dp=allow_no_dp, limits=Limits(max_body=max_body, max_batch=max_batch),
+              watch_seconds=watch)

@@ -20,18 +20,25 @@ def collect(
     source: list[str] = typer.Option(None, "--source", help="File or glob to read instead of "
                                      "dataset.source (repeatable)."),
     force: bool = typer.Option(False, "--force", help="Recompute even if identical."),
+    incremental: bool = typer.Option(
+        None, "--incremental/--full", show_default=False,
+        help="--incremental: only new files, or database rows past the watermark, as a new "
+             "version on top of the last collection; --full: everything again. Default: "
+             "incremental once the last collection was."),
 ) -> None:
     """Read raw records into a new encrypted `collect` artifact.
 
     Example:
 
         personanet --config configs/persona.toml collect --source exports/2026-*.csv.gz
+
+        personanet --config configs/db.toml collect --incremental   # cron, every day
     """
     from personanet.stages.collect import collect as run_collect
 
     config = context.load_config()
     emit(run_collect(config, context.open_store(config), context.load_key(),
-                     sources=source or None, force=force))
+                     sources=source or None, force=force, incremental=incremental))
 
 
 def clean(
@@ -62,19 +69,48 @@ def train(
                                "(default: train.device)."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last "
                                 "checkpoint."),
+    nproc_per_node: int = typer.Option(None, "--nproc-per-node", help="Train in N processes "
+                                       "on this machine (one per GPU; gloo on CPU), through "
+                                       "torch's launcher (torchrun)."),
+    nnodes: int = typer.Option(1, "--nnodes", help="Machines in the run (with "
+                               "--nproc-per-node)."),
+    node_rank: int = typer.Option(0, "--node-rank", help="This machine's rank, 0 to "
+                                  "--nnodes - 1 (node 0 writes the artifact)."),
+    rdzv_endpoint: str = typer.Option(None, "--rdzv-endpoint", metavar="HOST:PORT",
+                                      help="Node 0's address, for --nnodes > 1."),
 ) -> None:
     """Train PersonaNet under differential privacy (Opacus DP-SGD).
 
     Example:
 
         personanet --config configs/persona.toml train --device auto
+
+        personanet --config configs/persona.toml train --nproc-per-node 2
     """
+    from personanet.cli import workers
+    from personanet.errors import UsageError
+    from personanet.training.distributed import World
+
+    world = World.from_env()
+    if nproc_per_node is None and (nnodes != 1 or node_rank or rdzv_endpoint):
+        raise UsageError("--nnodes, --node-rank and --rdzv-endpoint need --nproc-per-node")
+    if nproc_per_node is not None:
+        if world is not None:
+            raise UsageError("--nproc-per-node starts the workers itself: not inside torchrun")
+        workers.launch_train(workers.train_argv(
+            input_version=input_version, force=force, no_dp=no_dp, device=device,
+            resume=resume), nproc_per_node=nproc_per_node, nnodes=nnodes,
+            node_rank=node_rank, rdzv_endpoint=rdzv_endpoint)
+        return  # rank 0 printed the result
     from personanet.stages.train import train as run_train
 
+    workers.quiet_unless_main(0 if world is None else world.rank)
     config = context.load_config()
-    emit(run_train(config, context.open_store(config), context.load_key(),
-                   input_version=input_version, force=force, no_dp=no_dp, device=device,
-                   resume=resume))
+    result = run_train(config, context.open_store(config), context.load_key(),
+                       input_version=input_version, force=force, no_dp=no_dp, device=device,
+                       resume=resume)
+    if world is None or world.main:
+        emit(result)
 
 
 def evaluate(
@@ -137,8 +173,13 @@ def run(
 
         personanet --config configs/persona.toml run
     """
+    from personanet.errors import UsageError
     from personanet.stages.pipeline import run_pipeline
+    from personanet.training.distributed import World
 
+    if World.from_env() is not None:  # every worker would collect, clean, evaluate...
+        raise UsageError("`run` works in one process; only `train` runs in several "
+                         "(`personanet train --nproc-per-node N`)")
     config = context.load_config()
     emit(run_pipeline(config, context.open_store(config), context.load_key(), force_from=force,
                       device=device))

@@ -26,6 +26,7 @@ from personanet.config.schema import (
     ColumnConfig,
     ColumnType,
     Config,
+    DatabaseConfig,
     DatasetConfig,
     EvaluateConfig,
     PredictConfig,
@@ -39,6 +40,7 @@ from personanet.config.schema import (
 __all__ = [
     "AUTO", "COLUMN_TYPES", "DATASET_NAME", "IMPUTE_RULES", "MAX_TRAIN_EPSILON", "ROLES",
     "ROW_UNIT", "Auto", "BudgetConfig", "CleanConfig", "ColumnConfig", "ColumnType", "Config",
-    "DatasetConfig", "EvaluateConfig", "PredictConfig", "Role", "SourceConfig", "TrainConfig",
+    "DatabaseConfig", "DatasetConfig", "EvaluateConfig", "PredictConfig", "Role", "SourceConfig",
+    "TrainConfig",
     "apply_override", "canonical_json", "keys_named", "load_config", "parse_config",
 ]

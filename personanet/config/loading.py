@@ -25,11 +25,13 @@ from personanet.config.schema import (
     CleanConfig,
     ColumnConfig,
     Config,
+    DatabaseConfig,
     DatasetConfig,
     EvaluateConfig,
     PredictConfig,
     SourceConfig,
     TrainConfig,
+    TuneConfig,
 )
 from personanet.config.validation import check_cross_references, normalise_column, resolve_target
 from personanet.errors import ConfigError
@@ -95,6 +97,9 @@ def parse_config(raw: dict[str, Any], *, path: Path | None = None) -> Config:
     ds_raw = dict(_table(raw["dataset"], "dataset"))
     if isinstance(ds_raw.get("source"), str):
         ds_raw["source"] = [ds_raw["source"]]
+    if "database" in ds_raw:
+        ds_raw["database"] = _build(DatabaseConfig, _table(ds_raw["database"], "dataset.database"),
+                                    "dataset.database")
     dataset = _build(DatasetConfig, ds_raw, "dataset")
     if not DATASET_NAME.match(dataset.name):
         raise ConfigError(
@@ -113,7 +118,7 @@ def parse_config(raw: dict[str, Any], *, path: Path | None = None) -> Config:
     sections: dict[str, Any] = {}
     for name, cls in (("clean", CleanConfig), ("train", TrainConfig), ("budget", BudgetConfig),
                       ("evaluate", EvaluateConfig), ("predict", PredictConfig),
-                      ("source", SourceConfig)):
+                      ("source", SourceConfig), ("tune", TuneConfig)):
         sections[name] = _build(cls, _table(raw.get(name, {}), name), name)
     config = Config(dataset=dataset, columns=columns, path=path, **sections)
     check_cross_references(config)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 Role = Literal["feature", "identifier", "target", "ignore"]
-ColumnType = Literal["numeric", "categorical", "datetime", "text"]
+ColumnType = Literal["numeric", "categorical", "datetime", "text", "image"]
 
 ROLES: tuple[str, ...] = typing.get_args(Role)
 COLUMN_TYPES: tuple[str, ...] = typing.get_args(ColumnType)
@@ -39,12 +39,38 @@ ROW_UNIT = "@row"
 
 
 @dataclass(frozen=True)
+class DatabaseConfig:
+    """`[dataset.database]`: records read from a SQLite file or a PostgreSQL server, in place
+    of `dataset.source` files. The URI (and its password) never appears here: it is read from
+    the environment variable `uri_env` or the file `uri_file` (README, "Databases")."""
+
+    #: a SQLite database file, relative to the config's folder (holds no secret)
+    sqlite: str | None = None
+    #: the environment variable holding the URI, e.g. "PERSONA_DB" holding
+    #: postgresql://user:password@host:5432/dbname (or sqlite:///path/to/file.db)
+    uri_env: str | None = None
+    #: a file (relative to the config's folder) whose first line is the URI; keep it mode 0600
+    uri_file: str | None = None
+    #: the table (or schema.table) to read whole; or `query`
+    table: str | None = None
+    #: a SELECT whose rows are the records; or `table`
+    query: str | None = None
+    #: rows per batch streamed from the database into the encrypted artifact
+    batch_size: int = 65536
+    #: a column that grows with every new or changed row (an id, `updated_at`): rows are read in
+    #: its order and `collect --incremental` reads only rows past the last collected value
+    watermark: str | None = None
+
+
+@dataclass(frozen=True)
 class DatasetConfig:
     name: str
     target: str
     privacy_unit: str
     #: file, glob, or list of them (csv, csv.gz, parquet, ndjson); `collect --source` overrides
     source: list[str] = field(default_factory=list)
+    #: records from a database instead of files: [dataset.database] (DatabaseConfig)
+    database: DatabaseConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +134,15 @@ class ColumnConfig:
     case: Literal["none", "lower", "upper"] = "none"
     #: a source without this column is refused (exit 65)
     required: bool = True
+    #: image columns (type = "image"): [height, width, channels], channels 1 (grey) or 3 (RGB);
+    #: clean's output holds height*width*channels uint8 bytes per row, row-major HWC
+    shape: tuple[int, int, int] | None = None
+    #: an image of another size: "refuse" (quarantined), "fit" (resized to height x width),
+    #: "pad" (centred on a zero canvas; a larger image is refused)
+    resize: Literal["refuse", "fit", "pad"] = "refuse"
+    #: what an image column holds: "path" (of a PNG/JPEG/NPY file, relative to the manifest's
+    #: folder and inside it) or "bytes" (the file's bytes, raw or base64)
+    image_source: Literal["path", "bytes"] = "path"
 
     @property
     def kind(self) -> str:
@@ -130,7 +165,8 @@ class ColumnConfig:
 
 @dataclass(frozen=True)
 class CleanConfig:
-    #: rows kept per privacy unit (person); the DP guarantee is per person because of it
+    #: rows kept per privacy unit (person), k; above 1, train.privacy_unit_level decides
+    #: whether training's epsilon is per person (default) or per row
     max_rows_per_unit: int = 1
     #: share of privacy units held out for evaluation
     test_fraction: float = 0.2
@@ -165,7 +201,8 @@ class TrainConfig:
     #: MLP widths; "auto": one layer of 16 for small data, [64, 64] otherwise (defaults.py)
     hidden_sizes: list[int] | Auto = "auto"
     activation: Literal["tanh", "tempered_sigmoid", "relu"] = "tanh"
-    norm: Literal["none", "layernorm", "groupnorm"] = "none"
+    #: "batchnorm": the cnn without DP only (it mixes the examples of a batch; refused under DP)
+    norm: Literal["none", "layernorm", "groupnorm", "batchnorm"] = "none"
     dropout: float = 0.0
     categorical_encoding: Literal["onehot", "embedding"] = "onehot"
     embedding_dim: int = 8
@@ -191,11 +228,72 @@ class TrainConfig:
     #: permit `epsilon` above MAX_TRAIN_EPSILON (100): such a run promises next to no
     #: privacy, so it must be asked for by name, never reached by a typo
     allow_large_epsilon: bool = False
+    #: model family: "tabular" (the MLP), "cnn" (one image column); "auto": "cnn" when a
+    #: feature column has type = "image", else "tabular"
+    model: Literal["auto", "tabular", "cnn"] = "auto"
+    #: the cnn's architecture: "seed" (the founding document's Keras CNN) or "tanh" (the
+    #: DP-MNIST CNN); "auto": "tanh", measured better (docs/training.md, "Images")
+    preset: Literal["auto", "seed", "tanh"] = "auto"
+    #: random augmentation of training images (cnn only): shifts, small rotations, flips;
+    #: "auto": the measured default (docs/training.md, "Images")
+    augment: bool | Auto = "auto"
+    #: largest random shift in pixels, each axis (zero-filled: a padded random crop)
+    augment_shift: int = 2
+    #: largest random rotation in degrees, either way
+    augment_rotate: float = 10.0
+    #: random horizontal flips (off: they change what a digit or a letter is)
+    augment_flip: bool = False
+    #: augmented copies per example under DP, whose gradients are averaged before clipping
+    #: (De et al. 2022): one example still makes one clipped contribution; "auto": measured
+    augment_multiplicity: int | Auto = "auto"
+    #: share of the training people held out to report loss and accuracy per epoch (never
+    #: the test split); "auto": 0.1 for the cnn, 0 for tabular
+    validation_fraction: float | Auto = "auto"
+    #: what one clipped gradient covers when clean keeps k = clean.max_rows_per_unit > 1
+    #: rows per person: "person" (sample people, clip each person's gradient over all their
+    #: rows: epsilon per person) or "row" (epsilon per row; privacy.json states the per-person
+    #: bound group privacy gives). Identical at k = 1 (docs/training.md, "Person level")
+    privacy_unit_level: Literal["person", "row"] = "person"
 
 
 #: The largest train.epsilon accepted without train.allow_large_epsilon. At epsilon 100 a
 #: single person may shift the odds of any outcome by e^100: no meaningful guarantee.
 MAX_TRAIN_EPSILON = 100.0
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """`personanet tune`: a private search over [train] settings, charged to the budget as
+    one repeat-and-select mechanism (docs/training.md, "Tuning"). Each trial draws one value
+    of each search-space list; "auto" is [train]'s rule for the trial's rows."""
+
+    #: total epsilon of the whole search: every trial, their scores and the choice of the best
+    epsilon: float = 2.0
+    delta: float = 1e-5
+    #: how the number of trials K is drawn (Papernot & Steinke 2022): "truncated_negative_binomial"
+    #: (at least one trial) or "poisson" (draws none with probability exp(-trials_mean))
+    trials: Literal["truncated_negative_binomial", "poisson"] = "truncated_negative_binomial"
+    #: E[K], the expected number of trials; the search costs more as it grows (slowly)
+    trials_mean: float = 3.0
+    #: the truncated negative binomial's shape eta >= 0: 0 logarithmic, 1 geometric
+    trials_shape: float = 0.0
+    #: share of the training people held out to score the trials, by a hash of the person
+    #: (the test split is never read)
+    validation_fraction: float = 0.2
+    #: search space: values to draw from, or with learning_rate_log_uniform [low, high]
+    learning_rate: list[float | Auto] = field(default_factory=lambda: [0.005, 0.05])
+    #: draw the learning rate log-uniformly between the two values of `learning_rate`
+    learning_rate_log_uniform: bool = True
+    batch_size: list[int | Auto] = field(default_factory=lambda: ["auto"])
+    epochs: list[int | Auto] = field(default_factory=lambda: ["auto"])
+    hidden_sizes: list[list[int] | Auto] = field(default_factory=lambda: ["auto"])
+    max_grad_norm: list[float] = field(default_factory=lambda: [1.0])
+    activation: list[Literal["tanh", "tempered_sigmoid", "relu"]] = field(
+        default_factory=lambda: ["tanh"])
+    optimizer: list[Literal["adam", "adamw", "sgd"]] = field(default_factory=lambda: ["adam"])
+    #: evaluate, predict and serve use the config's tuned model (its newest) when they are
+    #: not told which model, instead of the one `train` makes
+    use_in_chain: bool = False
 
 
 @dataclass(frozen=True)
@@ -241,6 +339,7 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     source: SourceConfig = field(default_factory=SourceConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     #: the file it came from; relative sources resolve against its folder
     path: Path | None = None
 
@@ -250,9 +349,23 @@ class Config:
             # `groups` unset is left out, so configs without it keep the hashes they had
             # before the key existed: their clean and train artifacts stay reusable.
             return {k: _jsonable({f: x for f, x in dataclasses.asdict(v).items()
-                                  if not (f == "groups" and x is None)})
+                                  if not (f in _UNSET_COLUMN_KEYS
+                                          and x == _UNSET_COLUMN_KEYS[f])})
                     for k, v in self.columns.items()}
-        return _jsonable(dataclasses.asdict(getattr(self, name)))
+        section = _jsonable(dataclasses.asdict(getattr(self, name)))
+        if name == "dataset" and section.get("database") is None:
+            # Files only: left out, so configs written before [dataset.database] keep their
+            # hashes (and their clean and train artifacts stay reusable).
+            section.pop("database", None)
+        if name == "train" and self.clean.max_rows_per_unit == 1:
+            # One row per person: both levels train the same way, so the key is left out and
+            # configs written before it keep their hashes (their models stay reusable).
+            section.pop("privacy_unit_level", None)
+        if name == "train":
+            for unset, default in _UNSET_TRAIN_KEYS.items():
+                if section.get(unset) == default:
+                    section.pop(unset)
+        return section
 
     def section_hash(self, *names: str) -> str:
         """sha256 over the canonical JSON of the named sections (identity for reuse)."""
@@ -272,6 +385,20 @@ class Config:
     @property
     def target_column(self) -> ColumnConfig:
         return self.columns[self.dataset.target]
+
+
+#: column keys left out of `Config.section("columns")` at these values, so configs written
+#: before the key existed keep their hashes (and their clean and train artifacts stay reusable)
+_UNSET_COLUMN_KEYS: dict[str, Any] = {"groups": None, "shape": None, "resize": "refuse",
+                                      "image_source": "path"}
+
+
+#: train keys of the image model left out of `Config.section("train")` at their defaults,
+#: so tabular configs written before them keep their hashes (and reusable models)
+_UNSET_TRAIN_KEYS: dict[str, Any] = {
+    "model": "auto", "preset": "auto", "augment": "auto", "augment_shift": 2,
+    "augment_rotate": 10.0, "augment_flip": False, "augment_multiplicity": "auto",
+    "validation_fraction": "auto"}
 
 
 def canonical_json(value: Any) -> str:
@@ -295,6 +422,7 @@ def _jsonable(value: Any) -> Any:
 OPTION_SECTIONS: dict[str, type] = {
     "dataset": DatasetConfig, "clean": CleanConfig, "train": TrainConfig,
     "budget": BudgetConfig, "evaluate": EvaluateConfig, "predict": PredictConfig,
+    "tune": TuneConfig,
 }
 
 

@@ -17,6 +17,7 @@ import json
 import math
 from typing import Any
 
+from personanet.config.image_keys import check_image_column, check_image_references
 from personanet.config.schema import (
     AUTO,
     IMPUTE_RULES,
@@ -33,6 +34,7 @@ def normalise_column(col: ColumnConfig) -> ColumnConfig:
     where = f"columns.{col.name}"
     kind = col.kind
     changes: dict[str, Any] = {}
+    check_image_column(col, where)
     if col.bounds is not None:
         if kind == "numeric":
             lo, hi = (_number(b, f"{where}.bounds") for b in col.bounds)
@@ -171,6 +173,8 @@ def check_cross_references(config: Config) -> None:
         raise ConfigError(f"[columns.{json.dumps(ROW_UNIT)}] is reserved: {ROW_UNIT!r} is the "
                           "generated row number (dataset.privacy_unit = \"@row\"); rename it")
     _check_source(config.source)
+    if config.dataset.database is not None:
+        _check_database(config)
     if config.dataset.privacy_unit == ROW_UNIT:
         pass  # each row is a person: clean numbers the rows, no column is needed
     elif config.dataset.privacy_unit not in cols:
@@ -191,6 +195,7 @@ def check_cross_references(config: Config) -> None:
         if name not in cols:
             raise ConfigError(f"clean.dedupe_key names {name!r}, which is not a column"
                               f"{_did_you_mean(name, cols)}")
+    check_image_references(config)
     if clean.dedupe_keep == "newest" and clean.timestamp_column is None:
         raise ConfigError("clean.dedupe_keep = \"newest\" needs clean.timestamp_column")
     if clean.max_rows_per_unit < 1:
@@ -213,6 +218,13 @@ def check_cross_references(config: Config) -> None:
             auto = " (or \"auto\")" if key in ("train.epochs", "train.batch_size") else ""
             raise ConfigError(f"{key} must be at least 1{auto}")
     _positive(train.max_grad_norm, "train.max_grad_norm")
+    if (train.privacy_unit_level == "person"
+            and clean.max_rows_per_unit > train.max_physical_batch_size):
+        raise ConfigError(
+            f"clean.max_rows_per_unit = {clean.max_rows_per_unit} is above "
+            f"train.max_physical_batch_size = {train.max_physical_batch_size}: person-level "
+            "training keeps a person's rows in one physical batch; raise the batch cap or "
+            "lower the rows per person")
     if train.learning_rate != AUTO:
         _positive(train.learning_rate, "train.learning_rate")
     if train.hidden_sizes != AUTO and (not train.hidden_sizes
@@ -221,6 +233,7 @@ def check_cross_references(config: Config) -> None:
                           "(or \"auto\")")
     if not 0.0 <= train.dropout < 1.0:
         raise ConfigError("train.dropout must be in [0, 1)")
+    _check_image_training(config)
     _positive(config.budget.epsilon, "budget.epsilon")
     if not 0.0 < config.budget.delta < 1.0:
         raise ConfigError("budget.delta must be in (0, 1)")
@@ -231,6 +244,41 @@ def check_cross_references(config: Config) -> None:
                           "group's metrics from describing a few people)")
     if config.predict.batch_size < 1:
         raise ConfigError("predict.batch_size must be at least 1")
+    _check_tune(config)
+
+
+def _check_image_training(config: Config) -> None:
+    """The [train] keys of the image model (cnn): ranges, and the family against the columns."""
+    train = config.train
+    images = [c.name for c in config.features() if c.kind == "image"]
+    model = train.model if train.model != AUTO else ("cnn" if images else "tabular")
+    if model == "cnn" and len(images) != 1:
+        raise ConfigError(f"train.model = \"cnn\" needs exactly one image feature column "
+                          f"(type = \"image\"); the config has {len(images)}")
+    if model == "tabular" and images:
+        raise ConfigError(f"columns.{images[0]} is an image, which the tabular model cannot "
+                          "read: set train.model = \"cnn\" (or \"auto\"), or role = \"ignore\"")
+    if model == "tabular" and train.norm == "batchnorm":
+        raise ConfigError("train.norm = \"batchnorm\" is for the cnn without DP only; the "
+                          "tabular model uses \"none\", \"layernorm\" or \"groupnorm\"")
+    if model == "cnn" and train.norm == "layernorm":
+        raise ConfigError("train.norm = \"layernorm\" is not a cnn layer: use \"groupnorm\" "
+                          "(per example, allowed under DP) or \"none\"")
+    if train.augment_shift < 0 or train.augment_shift > 16:
+        raise ConfigError("train.augment_shift must be between 0 and 16 pixels")
+    if not 0.0 <= train.augment_rotate <= 45.0:
+        raise ConfigError("train.augment_rotate must be between 0 and 45 degrees")
+    if train.augment_multiplicity != AUTO and not 1 <= train.augment_multiplicity <= 64:
+        raise ConfigError("train.augment_multiplicity must be between 1 and 64 (or \"auto\")")
+    if (train.augment is True and train.augment_multiplicity not in (AUTO, 1)
+            and config.clean.max_rows_per_unit > 1):
+        raise ConfigError("train.augment_multiplicity > 1 averages one row's copies before "
+                          "clipping; with clean.max_rows_per_unit > 1 a person has several "
+                          "rows: set augment_multiplicity = 1 or max_rows_per_unit = 1")
+    if train.augment is True and model != "cnn":
+        raise ConfigError("train.augment applies to images: the cnn model only")
+    if train.validation_fraction != AUTO and not 0.0 <= train.validation_fraction < 0.5:
+        raise ConfigError("train.validation_fraction must be in [0, 0.5) (or \"auto\")")
 
 
 def _check_source(source: SourceConfig) -> None:
@@ -257,6 +305,86 @@ def _check_source(source: SourceConfig) -> None:
                           "names of the columns in file order")
     if source.skip_rows < 0:
         raise ConfigError("source.skip_rows must be >= 0")
+
+
+#: a table or column name a query may carry unquoted (schema.table for a table)
+SQL_NAME = r"[A-Za-z_][A-Za-z0-9_]{0,62}"
+
+
+def _check_database(config: Config) -> None:
+    """[dataset.database]: one place to connect, one thing to read, names that are names."""
+    import re
+
+    db = config.dataset.database
+    assert db is not None
+    where = "dataset.database"
+    if config.dataset.source:
+        raise ConfigError(f"dataset.source and [{where}] are both set: records come from files "
+                          "or from a database; remove one")
+    places = [k for k in ("sqlite", "uri_env", "uri_file") if getattr(db, k)]
+    if len(places) != 1:
+        raise ConfigError(f"[{where}] needs exactly one of sqlite = \"file.db\", uri_env = "
+                          "\"VAR\" (an environment variable holding the URI) or uri_file = "
+                          "\"path\"; the URI itself never goes in the config")
+    if db.uri_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", db.uri_env):
+        raise ConfigError(f"{where}.uri_env must name an environment variable (e.g. "
+                          "\"PERSONA_DB\"), not hold the URI")
+    if (db.table is None) == (db.query is None):
+        raise ConfigError(f"[{where}] needs exactly one of table = \"name\" or query = "
+                          "\"SELECT ...\"")
+    if db.table is not None and not re.fullmatch(rf"{SQL_NAME}(\.{SQL_NAME})?", db.table):
+        raise ConfigError(f"{where}.table = {db.table!r} must be a plain name or schema.name "
+                          "(letters, digits, _); use query = \"SELECT ...\" for anything else")
+    if db.query is not None and not db.query.strip().rstrip(";").strip():
+        raise ConfigError(f"{where}.query is empty")
+    if db.watermark is not None and not re.fullmatch(SQL_NAME, db.watermark):
+        raise ConfigError(f"{where}.watermark = {db.watermark!r} must be a column name "
+                          "(letters, digits, _)")
+    if db.batch_size < 1:
+        raise ConfigError(f"{where}.batch_size must be at least 1")
+
+
+def _check_tune(config: Config) -> None:
+    """[tune]: the search's budget, the distribution of its trials, its search space."""
+    tune = config.tune
+    _positive(tune.epsilon, "tune.epsilon")
+    if tune.epsilon > MAX_TRAIN_EPSILON and not config.train.allow_large_epsilon:
+        raise ConfigError(f"tune.epsilon = {tune.epsilon:g} is above {MAX_TRAIN_EPSILON:g}, "
+                          "where DP promises next to nothing; lower it")
+    if not 0.0 < tune.delta < 1.0:
+        raise ConfigError("tune.delta must be in (0, 1); use about 1/rows or smaller")
+    if not 1.0 <= tune.trials_mean <= 1000.0:
+        raise ConfigError("tune.trials_mean must be between 1 and 1000 (the expected number of "
+                          "trials)")
+    if tune.trials_shape < 0:
+        raise ConfigError("tune.trials_shape must be >= 0 (0: logarithmic, 1: geometric)")
+    if not 0.0 < tune.validation_fraction < 1.0:
+        raise ConfigError("tune.validation_fraction must be between 0 and 1 (exclusive)")
+    space = {"learning_rate": tune.learning_rate, "batch_size": tune.batch_size,
+             "epochs": tune.epochs, "hidden_sizes": tune.hidden_sizes,
+             "max_grad_norm": tune.max_grad_norm, "activation": tune.activation,
+             "optimizer": tune.optimizer}
+    for key, values in space.items():
+        if not values:
+            raise ConfigError(f"tune.{key} is empty: list at least one value")
+    if tune.learning_rate_log_uniform:
+        low_high = [v for v in tune.learning_rate if v != AUTO]
+        if len(tune.learning_rate) != 2 or len(low_high) != 2 or not 0 < low_high[0] < low_high[1]:
+            raise ConfigError("tune.learning_rate_log_uniform = true needs learning_rate = "
+                              "[low, high] with 0 < low < high (or set it to false and list "
+                              "the rates to draw from)")
+    for value in tune.learning_rate:
+        if value != AUTO:
+            _positive(value, "tune.learning_rate")
+    for key in ("batch_size", "epochs"):
+        if any(v != AUTO and v < 1 for v in space[key]):
+            raise ConfigError(f"tune.{key} values must be at least 1 (or \"auto\")")
+    for sizes in tune.hidden_sizes:
+        if sizes != AUTO and (not sizes or any(h < 1 for h in sizes)):
+            raise ConfigError("tune.hidden_sizes must list \"auto\" or non-empty lists of "
+                              "positive integers, e.g. [\"auto\", [16], [64, 64]]")
+    for value in tune.max_grad_norm:
+        _positive(value, "tune.max_grad_norm")
 
 
 def _positive(value: float, key: str) -> None:

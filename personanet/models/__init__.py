@@ -2,8 +2,10 @@
 
 A model family is one module plus a `register_family` call (Opacus registers its grad
 samplers the same way): `personanet.models.tabular` registers "tabular", the MLP for
-tabular records. Training, evaluation and prediction reach a network only through its
-`ModelFamily`, so none of them knows which family it serves:
+tabular records, and `personanet.models.cnn` "cnn", the CNN for one image per person
+(`family_name_for` picks one from ``train.model``). Training, evaluation and prediction
+reach a network only through its `ModelFamily`, so none of them knows which family it
+serves:
 
 - batches are mappings of named tensors (`EncodedBatch.tensors`), and a network is
   called as ``model(**family.inputs(batch))``, the targets read as ``batch["target"]``;
@@ -34,7 +36,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from personanet.config import TrainConfig
+    from personanet.config import Config, TrainConfig
     from personanet.models.encoding import Encoder
 
 #: the family of a model.json that names none (written before families existed)
@@ -43,7 +45,7 @@ DEFAULT_FAMILY = "tabular"
 SPEC_FILE = "model.json"
 
 #: families shipped with personanet, imported (hence registered) on first use
-_BUILTIN = {"tabular": "personanet.models.tabular"}
+_BUILTIN = {"tabular": "personanet.models.tabular", "cnn": "personanet.models.cnn"}
 _FAMILIES: dict[str, ModelFamily] = {}
 
 
@@ -61,6 +63,11 @@ class ModelFamily:
         load: ``folder -> (network, encoder)``, on the CPU, in eval mode.
         loss: ``(task, *, reduction) -> criterion``; ``reduction="none"`` gives one loss
             per example, the shape per-example clipping needs.
+        resolve_auto: the family's "auto" [train] settings from the number of rows.
+        encoder_for: ``config -> encoder`` from the public config alone (None: the
+            tabular `Encoder.from_config`); an encoder has ``transform(frame)`` giving a
+            batch with ``tensors()``, ``labelled``, ``select``, and the target's
+            ``task`` and ``target_classes``.
     """
 
     name: str
@@ -70,10 +77,31 @@ class ModelFamily:
     save: Callable[[nn.Module, dict[str, Any], Encoder, Path], list[str]]
     load: Callable[[Path], tuple[nn.Module, Encoder]]
     loss: Callable[..., nn.Module]
+    encoder_for: Callable[[Config], Any] | None = None
+    #: ``(train config, *, n_train_rows) -> (resolved, chosen)``: the family's "auto"
+    #: settings (None: `personanet.training.defaults.resolve_train_config`)
+    resolve_auto: Callable[..., tuple[TrainConfig, dict[str, Any]]] | None = None
 
     def inputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The keyword arguments of ``forward`` for a batch: ``model(**family.inputs(batch))``."""
         return {name: batch[name] for name in self.input_names}
+
+    def encoder(self, config: Config) -> Any:
+        """The family's encoder for `config`, built from the public config alone."""
+        if self.encoder_for is not None:
+            return self.encoder_for(config)
+        from personanet.models.encoding import Encoder
+
+        return Encoder.from_config(config)
+
+
+def family_name_for(config: Config) -> str:
+    """``train.model``, with "auto" resolved: "cnn" when a feature column is an image,
+    else "tabular"."""
+    chosen = str(getattr(config.train, "model", "auto"))
+    if chosen != "auto":
+        return chosen
+    return "cnn" if any(c.kind == "image" for c in config.features()) else DEFAULT_FAMILY
 
 
 def register_family(family: ModelFamily) -> ModelFamily:

@@ -226,6 +226,29 @@ def attack_roc_curve(member_losses: ArrayLike, nonmember_losses: ArrayLike
     return fpr, tpr
 
 
+def per_person(losses: ArrayLike, units: ArrayLike, strata: ArrayLike | None = None
+               ) -> tuple[NDArray[np.float64], NDArray[Any] | None]:
+    """The audit's scores when a person may have several rows: one per person.
+
+    A member is a person, all of their rows (the unit person-level DP protects), so the
+    attacker scores each person by the mean loss over their rows, and the bound is then
+    per person, comparable to a per-person epsilon. Returns the mean losses (ordered by
+    unit) and each person's stratum: the one most of their rows have (ties: the
+    smallest), or None without `strata`.
+    """
+    values = _losses(losses, "losses")
+    ids, inverse = np.unique(np.asarray(units), return_inverse=True)
+    if len(inverse) != len(values):
+        raise ValueError("one unit per loss")
+    means = np.bincount(inverse, weights=values) / np.bincount(inverse)
+    if strata is None:
+        return means, None
+    labels, label_index = np.unique(np.asarray(strata), return_inverse=True)
+    table = np.zeros((len(ids), len(labels)))
+    np.add.at(table, (inverse, label_index), 1)
+    return means, labels[table.argmax(1)]
+
+
 def tpr_at_fpr(fpr: ArrayLike, tpr: ArrayLike, target_fpr: float) -> float:
     """The best TPR among ROC points whose FPR does not exceed ``target_fpr``.
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from personanet.privacy.clipping import LayerClipping, UnsupportedLayerError, register_clipping
+from personanet.privacy.units import UnitLayout
 
 
 @register_clipping(nn.Linear)
@@ -30,6 +31,23 @@ class LinearClipping(LayerClipping):
         if module.bias is not None:
             squared += out_sq
         return activation, grad
+
+    per_unit = True
+
+    def add_unit_squared_norms(self, module: Any, saved: torch.Tensor, grad: torch.Tensor,
+                               units: UnitLayout, squared: torch.Tensor) -> None:
+        # A person's weight gradient is sum_i b_i a_i^T. Its squared norm is either that
+        # matrix's, materialised per person (k in out multiply-adds a row), or the "ghost"
+        # sum_{i,j} (a_i . a_j)(b_i . b_j) over the person's row pairs (k^2 (in + out)
+        # a person): the cheaper of the two, both exact.
+        a, b = units.pad(saved), units.pad(grad)
+        k, fan_in, fan_out = units.max_rows, saved.shape[1], grad.shape[1]
+        if k * (fan_in + fan_out) < fan_in * fan_out:
+            squared += ((a @ a.transpose(1, 2)) * (b @ b.transpose(1, 2))).sum((1, 2))
+        else:
+            squared += (b.transpose(1, 2) @ a).square().sum((1, 2))
+        if module.bias is not None:
+            squared += units.sum(grad).square().sum(1)
 
     def write_clipped_sum(self, module: Any, saved: torch.Tensor,
                           weighted: torch.Tensor) -> None:
@@ -57,6 +75,15 @@ class EmbeddingClipping(LayerClipping):
         squared += grad.square().sum(1)
         return activation, grad
 
+    per_unit = True
+
+    def add_unit_squared_norms(self, module: Any, saved: torch.Tensor, grad: torch.Tensor,
+                               units: UnitLayout, squared: torch.Tensor) -> None:
+        # Rows i, j of one person meet only where they index the same embedding row.
+        index, b = units.pad(saved, fill=-1), units.pad(grad)
+        same = (index.unsqueeze(2) == index.unsqueeze(1)).to(b.dtype)
+        squared += (same * (b @ b.transpose(1, 2))).sum((1, 2))
+
     def write_clipped_sum(self, module: Any, saved: torch.Tensor,
                           weighted: torch.Tensor) -> None:
         module.weight.grad = torch.zeros_like(module.weight).index_add_(
@@ -78,6 +105,16 @@ class _AffineNormClipping(LayerClipping):
         if module.bias is not None:
             squared += grad.square().sum(1)
         return normed, grad
+
+    per_unit = True
+
+    def add_unit_squared_norms(self, module: Any, saved: torch.Tensor, grad: torch.Tensor,
+                               units: UnitLayout, squared: torch.Tensor) -> None:
+        # Gradients of a few features a row: summed per person outright.
+        if module.weight is not None:
+            squared += units.sum(grad * saved).square().sum(1)
+        if module.bias is not None:
+            squared += units.sum(grad).square().sum(1)
 
     def write_clipped_sum(self, module: Any, saved: torch.Tensor,
                           weighted: torch.Tensor) -> None:
@@ -101,7 +138,38 @@ class LayerNormClipping(_AffineNormClipping):
 
 @register_clipping(nn.GroupNorm)
 class GroupNormClipping(_AffineNormClipping):
-    """GroupNorm over ``(batch, channels)``."""
+    """GroupNorm over ``(batch, channels)`` or ``(batch, channels, *spatial)`` (after a
+    convolution): a channel's weight and bias gradients sum over the spatial positions."""
+
+    output_dims = (2, 3, 4)
 
     def normalize(self, module: Any, activation: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.group_norm(activation, module.num_groups, eps=module.eps)
+
+    def add_squared_norms(self, module: Any, activation: torch.Tensor, grad: torch.Tensor,
+                          squared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        normed = self.normalize(module, activation)
+        if module.weight is not None:
+            squared += _per_channel(grad * normed).square().sum(1)
+        if module.bias is not None:
+            squared += _per_channel(grad).square().sum(1)
+        return normed, grad
+
+    def add_unit_squared_norms(self, module: Any, saved: torch.Tensor, grad: torch.Tensor,
+                               units: UnitLayout, squared: torch.Tensor) -> None:
+        if module.weight is not None:
+            squared += units.sum(_per_channel(grad * saved)).square().sum(1)
+        if module.bias is not None:
+            squared += units.sum(_per_channel(grad)).square().sum(1)
+
+    def write_clipped_sum(self, module: Any, saved: torch.Tensor,
+                          weighted: torch.Tensor) -> None:
+        if module.weight is not None:
+            module.weight.grad = _per_channel(weighted * saved).sum(0)
+        if module.bias is not None:
+            module.bias.grad = _per_channel(weighted).sum(0)
+
+
+def _per_channel(values: torch.Tensor) -> torch.Tensor:
+    """``(batch, channels, *spatial)`` summed over the spatial positions: ``(batch, channels)``."""
+    return values.flatten(2).sum(2) if values.dim() > 2 else values

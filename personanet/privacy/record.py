@@ -8,7 +8,9 @@ accountant composed), so anyone can recompute the epsilon it states with
 
 The file is plain JSON (sorted keys, 2-space indent), authenticated by the artifact's
 sealed manifest. Format ``personanet.privacy/1``; its keys are exactly the fields below,
-except that the last four are written only for the kind of run they describe.
+except that the last five are written only for the kind of run they describe
+(``unit_level`` only when a person may have more than one row: a reader that does not
+know it reads the rest unchanged).
 """
 
 from __future__ import annotations
@@ -49,6 +51,10 @@ class PrivacyRecord:
         accountant_history: the (noise multiplier, sample rate, steps) phases composed
             (private only); `epsilon` is the accountant's answer for them.
         note: why a non-private model carries no guarantee (non-private only).
+        unit_level: private runs with k = ``clean.max_rows_per_unit`` > 1 only: ``level``
+            "person" (epsilon is per person; ``rows_per_unit``, ``people``,
+            ``expected_people_per_batch``) or "row" (epsilon is per row;
+            ``person_epsilon`` and ``person_delta`` are the person's, by group privacy).
     """
 
     private: bool
@@ -71,6 +77,7 @@ class PrivacyRecord:
     privacy_unit: str | None = None
     accountant_history: list[tuple[float, float, int]] | None = None
     note: str | None = None
+    unit_level: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The document ``privacy.json`` holds (the file is it, dumped with sorted keys)."""
@@ -90,6 +97,8 @@ class PrivacyRecord:
                                            for phase in self.accountant_history or []])
         else:
             doc["note"] = self.note
+        if self.unit_level is not None:
+            doc["unit_level"] = self.unit_level
         return doc
 
     @classmethod
@@ -119,7 +128,7 @@ class PrivacyRecord:
                 secure_rng=doc.get("secure_rng"), privacy_unit=doc.get("privacy_unit"),
                 accountant_history=([tuple(phase) for phase in history]
                                     if history is not None else None),
-                note=doc.get("note"))
+                note=doc.get("note"), unit_level=doc.get("unit_level"))
         except KeyError as missing:
             raise BadInputError(f"privacy record lacks {missing}: damaged or edited") from None
 

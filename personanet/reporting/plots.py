@@ -40,7 +40,8 @@ def write_plots(out_dir: Path, *,
                 calibration: tuple[ArrayLike, ArrayLike, ArrayLike] | None = None,
                 groups: Mapping[str, Any] | None = None,
                 attack_roc: tuple[ArrayLike, ArrayLike] | None = None,
-                task: str = "classification") -> list[str]:
+                task: str = "classification",
+                confusion: Mapping[str, Any] | None = None) -> list[str]:
     """Write roc.png, calibration.png, groups.png and attack_roc.png; return the names written.
 
     Each figure is skipped when its input is None (a regressor has no ROC;
@@ -58,6 +59,9 @@ def write_plots(out_dir: Path, *,
       axes with the diagonal of a blind guess: a curve far above the diagonal
       at the left (low FPR) means some members can be identified confidently,
       a privacy harm an AUC near 0.5 can hide.
+    - ``confusion``: `classes.class_metrics`' confusion matrix (multi-class):
+      confusion_matrix.png, each true class's row as shares of its people, so the
+      classes a model mistakes for one another stand out whatever their sizes.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -71,7 +75,30 @@ def write_plots(out_dir: Path, *,
                              out_dir / "groups.png"))
     if attack_roc is not None:
         written.append(_save(_attack_roc_figure(*attack_roc), out_dir / "attack_roc.png"))
+    if confusion is not None and confusion.get("labels"):
+        written.append(_save(_confusion_figure(confusion), out_dir / "confusion_matrix.png"))
     return written
+
+
+def _confusion_figure(confusion: Mapping[str, Any]) -> Figure:
+    counts = np.asarray(confusion["counts"], dtype=float)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
+    rows, columns = list(confusion["labels"]), list(confusion["predicted"])
+    figure = _figure(1.2 + 0.45 * len(columns), 1.0 + 0.45 * len(rows))
+    ax = figure.add_subplot()
+    image = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    ax.set_xticks(range(len(columns)), [_short_label(c) for c in columns])
+    ax.set_yticks(range(len(rows)), [_short_label(r) for r in rows])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(len(rows)):
+        for j in range(len(columns)):
+            if counts[i, j]:
+                ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center", fontsize=7,
+                        color="white" if shares[i, j] > 0.5 else "black")
+    ax.set_title("confusion matrix (share of each true class)")
+    figure.colorbar(image, ax=ax, fraction=0.046)
+    return figure
 
 
 def _figure(width: float, height: float) -> Figure:

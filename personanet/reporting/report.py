@@ -166,6 +166,15 @@ def privacy_sentence(model: Mapping[str, Any]) -> str:
         raise ValueError("a private model needs model.epsilon and model.delta")
     epsilon = float(model["epsilon"])
     unit = model.get("privacy_unit")
+    level = model.get("unit_level") or {}
+    if level.get("level") == "row":  # k rows a person, DP-SGD over rows (docs/training.md)
+        person = level.get("person_epsilon")
+        bound = (f"(ε = {float(person):.3g}, δ = {_delta(level.get('person_delta'))}) by group "
+                 "privacy" if is_finite_number(person) else "no bound group privacy can give")
+        return (f"This model was trained with (ε = {epsilon:.2f}, δ = {_delta(delta)})-"
+                f"differential privacy **per row**, not per person: a person may have up to "
+                f"{level.get('rows_per_unit')} rows, so one person's records are protected "
+                f"only at {bound} (train.privacy_unit_level = \"row\").")
     per = f"per person (privacy unit: `{unit}`)" if unit else "per person"
     return (f"This model was trained with (ε = {epsilon:.2f}, δ = {_delta(delta)})-differential "
             f"privacy {per}: adding or removing any one person's records changes the "
@@ -321,7 +330,8 @@ def render_summary(metrics: Mapping[str, Any]) -> Table:
     table.add_column("detail")
     if model.get("private"):
         table.add_row("privacy", f"ε={model.get('epsilon'):.2f}",
-                      f"δ={_delta(model.get('delta'))} per person")
+                      f"δ={_delta(model.get('delta'))} per "
+                      f"{(model.get('unit_level') or {}).get('level', 'person')}")
     else:
         table.add_row("privacy", "[bold red]NONE[/]", "[bold red]non-private model[/]")
     for key, label in REGRESSION_ROWS if task == "regression" else CLASSIFICATION_ROWS:

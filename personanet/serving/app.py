@@ -54,10 +54,11 @@ class ModelHolder:
         self._load = load
         self._reloading = threading.Lock()
 
-    def reload(self) -> bool:
+    def reload(self, *, quiet: bool = False) -> bool:
         """Swap to the scorer `load` gives (None: nothing newer); True when it swapped.
 
         A failing load keeps the served model: a bad reload must not stop the service.
+        `quiet` (the `--watch` poll): "nothing newer" is not worth a log line each time.
         """
         with self._reloading:
             try:
@@ -67,8 +68,9 @@ class ModelHolder:
                           self.current.info.version, exc)
                 return False
             if scorer is None or scorer.info.version == self.current.info.version:
-                log.info("serve: no newer gated model; still serving %s",
-                         self.current.info.version)
+                log.log(logging.DEBUG if quiet else logging.INFO,
+                        "serve: no newer gated model; still serving %s",
+                        self.current.info.version)
                 return False
             old, self.current = self.current.info.version, scorer
             log.info("serve: reloaded: %s -> %s", old, scorer.info.version)
@@ -85,11 +87,14 @@ class HTTPProblem(Exception):
 
 
 def create_app(holder: ModelHolder, token: str, *, limits: Limits = Limits(),
-               reload_on_sighup: bool = False) -> Starlette:
+               reload_on_sighup: bool = False, watch_seconds: float | None = None
+               ) -> Starlette:
     """The service: `POST /v1/predict`, `GET /v1/model`, `GET /healthz`.
 
     `reload_on_sighup` (the main thread's event loop only) reloads in a worker
     thread on SIGHUP, so the loop keeps answering while the new model loads.
+    `watch_seconds`: also look for a newer gated model every so many seconds (the same
+    reload, in a worker thread; silent while there is none).
     """
     expected = f"Bearer {token}".encode()
 
@@ -140,13 +145,24 @@ def create_app(holder: ModelHolder, token: str, *, limits: Limits = Limits(),
         if reload_on_sighup:
             asyncio.get_running_loop().add_signal_handler(
                 signal.SIGHUP, lambda: threading.Thread(target=holder.reload, daemon=True).start())
+        watcher = (asyncio.create_task(_watch(holder, watch_seconds))
+                   if watch_seconds else None)
         yield
+        if watcher is not None:
+            watcher.cancel()
 
     return Starlette(routes=[
         Route("/v1/predict", guarded(predict), methods=["POST"]),
         Route("/v1/model", guarded(model), methods=["GET"]),
         Route("/healthz", guarded(healthz), methods=["GET"]),
     ], lifespan=lifespan)
+
+
+async def _watch(holder: ModelHolder, seconds: float) -> None:
+    """Poll for a newer gated model until cancelled (the server's shutdown)."""
+    while True:
+        await asyncio.sleep(seconds)
+        await asyncio.to_thread(holder.reload, quiet=True)
 
 
 async def read_body(request: Request, max_body: int) -> bytes:

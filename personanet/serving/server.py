@@ -47,28 +47,37 @@ def read_token(token_file: Path | None) -> str:
 
 def serve(config: Config, store: ArtifactStore, key: MasterKey, *, token: str,
           model_version: str | None = None, host: str = "127.0.0.1", port: int = 8000,
-          allow_no_dp: bool = False, limits: Limits = Limits()) -> None:
+          allow_no_dp: bool = False, limits: Limits = Limits(),
+          watch_seconds: float | None = None) -> None:
     """Serve the config chain's gated model (or `model_version`) until interrupted.
 
-    SIGHUP reloads: the choice is made again (a pinned version stays the same) and a
-    newer model replaces the served one once loaded; requests in flight finish on the
-    old one.
+    SIGHUP reloads, and so does every `watch_seconds` (the `--watch` poll): the choice
+    is made again (a pinned version stays the same) and a newer model replaces the
+    served one once loaded; requests in flight finish on the old one.
     """
     import uvicorn
 
-    def load() -> Scorer:
+    served: list[str] = []
+
+    def load() -> Scorer | None:
         artifact, info = select_model(config, store, key, version=model_version,
                                       allow_no_dp=allow_no_dp)
-        return Scorer(config, artifact, info, key)
+        if info.version in served[-1:]:
+            return None  # the same model: nothing to load
+        scorer = Scorer(config, artifact, info, key)
+        served.append(info.version)
+        return scorer
 
     scorer = load()
+    assert scorer is not None
     if not scorer.info.private:
         log.warning("serve: model %s was trained without differential privacy (--no-dp): "
                     "its scores carry no privacy guarantee", scorer.info.version)
     if host not in ("127.0.0.1", "::1", "localhost"):
         log.warning("serve: listening on %s, beyond this machine: put TLS in front", host)
     holder = ModelHolder(scorer, load)
-    app = create_app(holder, token, limits=limits, reload_on_sighup=True)
+    app = create_app(holder, token, limits=limits, reload_on_sighup=True,
+                     watch_seconds=watch_seconds)
     log.info("serve: model %s on http://%s:%d", scorer.info.version, host, port)
     uvicorn.run(app, host=host, port=port, access_log=False, log_config=None,
                 server_header=False, date_header=False)

@@ -12,14 +12,14 @@ what reaches the disk is the store's business.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import polars as pl
 
-    from personanet.config import SourceConfig
+    from personanet.config import ColumnConfig, DatabaseConfig, SourceConfig
 
 
 class Source(Protocol):
@@ -49,12 +49,27 @@ class Source(Protocol):
         ...
 
 
-def open_sources(patterns: list[str], options: SourceConfig, *, base: Path) -> list[Source]:
+def open_sources(patterns: list[str], options: SourceConfig, *, base: Path,
+                 columns: Mapping[str, ColumnConfig] | None = None,
+                 database: DatabaseConfig | None = None) -> list[Source]:
     """The sources the config (or `--source`/`--input`) names, in order.
 
     `patterns` are files or globs, relative to `base`; InputMissingError (exit 66)
-    when nothing is named or a pattern matches nothing.
+    when nothing is named or a pattern matches nothing. With `columns` (the config's)
+    naming `type = "image"` columns, each file is an image manifest whose image columns
+    are read as bytes (`personanet.sources.images`). With `database` (the config's
+    [dataset.database]) and no patterns, the one source is its table or query
+    (`personanet.sources.database`).
     """
-    from personanet.sources.files import open_files
+    if database is not None and not patterns:
+        from personanet.sources.database import DatabaseSource
 
-    return list(open_files(patterns, options, base=base))
+        return [DatabaseSource(database, options, base)]
+    from personanet.sources.files import open_files
+    from personanet.sources.images import ImageManifest, image_columns
+
+    files = open_files(patterns, options, base=base)
+    images = image_columns(columns)
+    if images:
+        return [ImageManifest(f, images) for f in files]
+    return list(files)

@@ -50,6 +50,10 @@ class FileFormat:
         """The file as a lazy scan, so batches stream."""
         raise NotImplementedError
 
+    def frames(self, batch_size: int) -> Iterator[pl.DataFrame]:
+        """The file in frames of about `batch_size` rows, in bounded memory."""
+        return iter(self.scan().collect_batches(chunk_size=batch_size))
+
     def check(self, frame: pl.DataFrame) -> pl.DataFrame:
         """The format's own checks on a frame already turned into text columns."""
         return frame
@@ -88,6 +92,13 @@ class CsvFormat(FileFormat):
         import polars as pl
 
         return pl.scan_csv(self.data, **csv_dialect.csv_arguments(self.options, self.layout))
+
+    def frames(self, batch_size: int) -> Iterator[pl.DataFrame]:
+        # polars' CSV scan holds memory growing with the file; blocks of bytes do not.
+        from personanet.sources.csv_blocks import csv_frames
+
+        return csv_frames(self.data, csv_dialect.csv_arguments(self.options, self.layout),
+                          batch_size=batch_size)
 
     def check(self, frame: pl.DataFrame) -> pl.DataFrame:
         if not self.layout.copies:
@@ -192,7 +203,7 @@ class FileSource:
             if self.path.stat().st_size == 0:
                 raise BadInputError(f"{self.path}: the file is empty")
             reader = fmt(self.path, self.options)
-            for frame in reader.scan().collect_batches(chunk_size=batch_size):
+            for frame in reader.frames(batch_size):
                 yield reader.check(_as_text(frame, self.options, self.path))
         except BadInputError:
             raise
@@ -228,12 +239,14 @@ def _as_text(frame: pl.DataFrame, options: SourceConfig, path: Path) -> pl.DataF
     if nested:
         raise BadInputError(f"{path}: column {nested[0]!r} holds lists or structs; "
                             "export one plain value per field")
-    frame = frame.with_columns(pl.all().cast(pl.String))
+    # Binary columns (images inside a Parquet manifest) stay bytes: they are not text.
+    text = pl.exclude(pl.Binary)
+    frame = frame.with_columns(text.cast(pl.String))
     if options.trim_whitespace:
-        frame = frame.with_columns(pl.all().str.strip_chars())
+        frame = frame.with_columns(text.str.strip_chars())
     if options.null_values:
         frame = frame.with_columns(
-            pl.when(pl.all().is_in(options.null_values)).then(None).otherwise(pl.all()).name.keep()
+            pl.when(text.is_in(options.null_values)).then(None).otherwise(text).name.keep()
         )
     return frame
 

@@ -40,6 +40,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from personanet.cleaning.images import repeated_images
 from personanet.cleaning.rows import (
     ColumnCounts,
     RowTransform,
@@ -66,13 +67,18 @@ from personanet.config import ROW_UNIT, Config
 from personanet.errors import BadInputError, InternalError
 from personanet.privacy.pseudonym import pseudonym_key
 from personanet.stages.base import StagePlan, StageResult, run_stage
-from personanet.stages.files import QUARANTINE, RECORDS, TEST_TABLE, TRAIN_TABLE
+from personanet.stages.clean_keys import (  # noqa: F401  (hash_split: public here too)
+    _exact_duplicates,
+    _group_ids,
+    hash_split,
+)
+from personanet.stages.increments import lineage
 from personanet.stages.lineage import chain_input, clean_fingerprint
-from personanet.store import tables
 from personanet.store.artifacts import ArtifactStore
 
 if TYPE_CHECKING:
-    import numpy as np
+    from collections.abc import Callable
+
     import polars as pl
 
     from personanet.store.artifacts import ArtifactWriter
@@ -177,21 +183,19 @@ def clean(config: Config, store: ArtifactStore, key: MasterKey, *,
         warnings: list[str] = []
 
         def write(writer: ArtifactWriter) -> None:
-            records = tables.read_artifact_table(source, RECORDS, key)
+            from personanet.stages.clean_stream import clean_into
+
             # "In the future" means after the records were collected: a property of the
             # input artifact, so the same input always cleans the same way.
             as_of = parse_instant(source.created_at) if source.created_at else None
-            outcome = clean_records(records, config, pseudonym_key(key), as_of=as_of)
-            del records
-            for name, frame in ((TRAIN_TABLE, outcome.train), (TEST_TABLE, outcome.test),
-                                (QUARANTINE, outcome.quarantine)):
-                tables.write_encrypted_parquet(writer.path(name), frame, key)
-                writer.add(name, rows=frame.height, encrypted=True, key_id=key.key_id)
-            writer.figures = outcome.report.to_dict()
-            warnings.extend(_warnings(outcome.report))
+            # In batches, past memory; an incremental collection is its whole chain.
+            report = clean_into(writer, store, source, config, key,
+                                pseudonym_key=pseudonym_key(key), as_of=as_of)
+            writer.figures = report.to_dict()
+            warnings.extend(_warnings(report))
 
         return StagePlan("clean", clean_fingerprint(config, source.version),
-                         inputs=[source.as_input()],
+                         inputs=[a.as_input() for a in lineage(store, source)],
                          config={"columns": config.section("columns"),
                                  "clean": config.section("clean")},
                          config_hash=config.section_hash("dataset", "columns", "clean"),
@@ -231,206 +235,204 @@ def clean_records(records: pl.DataFrame, config: Config, pseudonym_key: bytes, *
         as_of: when the records were collected; a datetime after it is impossible and
             handled like one outside its bounds. None: only the bounds apply.
     """
-    import numpy as np
-    import polars as pl
-
-    check_config(config)
     rows_in = records.height
     if rows_in == 0:
         raise BadInputError(
             "the collected records are empty (the source had only a header?): "
             "collect a source with at least one record"
         )
-    cc = config.clean
-    unit = config.dataset.privacy_unit
-    dedupe_key = list(cc.dedupe_key or [unit])
-    ts = cc.timestamp_column if cc.dedupe_keep == "newest" else None
-    transform = RowTransform(config, require_target=True, as_of=as_of,
-                             extra=[ts] if ts else [], unit=unit)
-    needed = transform.needed_columns() + [c for c in (cc.split_column, *dedupe_key) if c]
-    if unit == ROW_UNIT:
-        # Each row is a person: the unit is the record's 0-based position in the collect
-        # artifact (stable: collect keeps the sources' order). Every unit is distinct, so
-        # dedupe by it and contribution bounding rightly do nothing.
-        records = records.with_row_index(ROW_UNIT).with_columns(pl.col(ROW_UNIT).cast(pl.String))
-    raw = check_columns(records, config, needed, optional=transform.optional_columns())
-    source_columns = raw.columns
-    raw = raw.with_row_index(ROW).with_columns(pl.col(ROW).cast(pl.UInt64))
-
-    # Text forms of the dedupe key (identifiers use their pseudonym instead) and the split.
-    hashed = {c for c in dedupe_key if c == ROW_UNIT or config.columns[c].role == "identifier"}
-    keys = [c if c in hashed else work_column("key", c) for c in dedupe_key]
-    helpers = [normalized_text(pl.col(c), config.columns[c].case).alias(work_column("key", c))
-               for c in dedupe_key if c not in hashed]
-    last_checks = []
-    if cc.split_column is not None:
-        case = config.columns[cc.split_column].case
-        train_value, test_value = (fold_text(v, case)
-                                   for v in (cc.split_train_value, cc.split_test_value))
-        split_text = normalized_text(pl.col(cc.split_column), case)
-        helpers.append((split_text == test_value).fill_null(False).alias(IS_TEST))
-        last_checks.append((cc.split_column, pl.when(
-            ~split_text.is_in([train_value, test_value]).fill_null(False)
-        ).then(pl.lit(UNKNOWN_SPLIT_VALUE))))
-    transform.last_checks = last_checks
-    transform.first_exprs = helpers
-    key_columns = [UNIT_ID if k == unit else k for k in dict.fromkeys(keys)]
-    decision_columns = [c for c in key_columns if c != UNIT_ID]
-    decision_columns += [IS_TEST] if cc.split_column is not None else []
-    decision_columns += [work_column("bounded", ts)] if ts else []
-    hashed_names = transform.hashed_names()
-    prepared = evaluate_rules(transform, raw, pseudonym_key,
-                              keep=[c for c in decision_columns if c not in hashed_names])
-    unit_ids = _group_ids(prepared[UNIT]).alias(UNIT_ID)
-    # Identical records share their privacy unit, so only rows whose unit repeats
-    # (or is missing) need the full comparison.
-    repeats = _exact_duplicates(raw[source_columns], unit_ids.is_duplicated())
-    del raw
-    duplicates_exact = int(repeats.sum())
-    has_reason = prepared[REASON].is_not_null()
-    quarantined = [quarantine_rows(prepared[[ROW, REASON, REASON_COLUMN]]
-                                   .filter(has_reason & ~repeats))]
-
-    # Who goes where is decided on a narrow frame of integer keys; the wide frame is
-    # filtered once per output at the end.
-    kept = pl.DataFrame([
-        prepared[ROW], unit_ids, pl.Series(POSITION, range(prepared.height), dtype=pl.UInt32),
-        *(prepared[c] for c in decision_columns),
-    ]).filter(~(has_reason | repeats))
-
-    # Duplicates by key, then contribution bounding, in one preference order: newest
-    # first (by the timestamp column) or source order; ties by row number (the sort is
-    # stable and `kept` is in row order).
-    if ts:
-        kept = kept.sort(work_column("bounded", ts), descending=True, nulls_last=True,
-                         maintain_order=True)
-    before = kept.height
-    distinct = (pl.col(key_columns[0]) if len(key_columns) == 1
-                else pl.struct(key_columns)).is_first_distinct()
-    kept = kept.filter(distinct)
-    duplicates_by_key = before - kept.height
-    before = kept.height
-    if kept[UNIT_ID].n_unique() < kept.height:
-        kept = kept.filter(pl.int_range(pl.len()).over(UNIT_ID) < cc.max_rows_per_unit)
-    dropped_by_bounding = before - kept.height
-
-    # Split by person.
-    if cc.split_column is not None:
-        split_by = f"column {cc.split_column!r}"
-        if cc.max_rows_per_unit > 1:
-            # The column could put one person's rows on both sides: the person's
-            # preferred row decides, and rows that disagree are quarantined.
-            conflict = pl.col(IS_TEST) != pl.col(IS_TEST).first().over(UNIT_ID)
-            quarantined.append(quarantine_rows(kept.filter(conflict).with_columns(
-                pl.lit(SPLIT_CONFLICT).alias(REASON),
-                pl.lit(cc.split_column).alias(REASON_COLUMN),
-            )))
-            kept = kept.filter(~conflict)
-    else:
-        split_by = f"hash of the pseudonym (seed {cc.seed}, test_fraction {cc.test_fraction:g})"
-        units_kept = prepared[UNIT].gather(kept[POSITION])
-        kept = kept.with_columns(
-            hash_split(units_kept, seed=cc.seed, test_fraction=cc.test_fraction).alias(IS_TEST)
-        )
-
-    sides, units = {}, {}
-    for name, is_test in (("train", False), ("test", True)):
-        side = kept.filter(pl.col(IS_TEST) == is_test)
-        mask = np.zeros(prepared.height, dtype=bool)
-        mask[side[POSITION].to_numpy()] = True
-        sides[name] = pl.Series(mask)
-        units[name] = side[UNIT_ID].n_unique()
-    outputs = transform.output_columns()
+    setup = CleanSetup(config, as_of=as_of)
+    prepared, raw = setup.prepare(records, pseudonym_key)
+    del records
+    decision = setup.decide(prepared, lambda suspects: _exact_duplicates(raw, suspects))
+    outputs = setup.transform.output_columns()
     # (Indexing picks columns without a query plan; `select` would run one.)
-    train = prepared[outputs].filter(sides["train"])
-    test = prepared[outputs].filter(sides["test"])
-    quarantine = pl.concat(quarantined).sort("row")
-    by_reason = quarantine.group_by("reason").len()
-    by_column = quarantine.group_by("column").len().drop_nulls("column")
-    report = CleanReport(
-        rows_in=rows_in,
-        rows_train=train.height,
-        rows_test=test.height,
-        duplicates_exact=duplicates_exact,
-        duplicates_by_key=duplicates_by_key,
-        duplicates_removed=duplicates_exact + duplicates_by_key,
-        rows_quarantined=quarantine.height,
-        quarantined_by_reason=_sorted_counts(by_reason["reason"], by_reason["len"]),
-        quarantined_by_column=_sorted_counts(by_column["column"], by_column["len"]),
-        rows_dropped_by_bounding=dropped_by_bounding,
-        units_train=units["train"],
-        units_test=units["test"],
-        split_by=split_by,
-        as_of=format_instant(as_of) if as_of else None,
-        columns=transform.counters(prepared, sides["train"] | sides["test"]),
-    )
-    if report.rows_accounted != rows_in:
-        raise InternalError(
-            f"clean lost track of rows: {rows_in} in, {report.rows_accounted} accounted for"
+    return CleanOutcome(train=prepared[outputs].filter(decision.train),
+                        test=prepared[outputs].filter(decision.test),
+                        quarantine=decision.quarantine, report=decision.report)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Who goes where: a mask per side over the prepared rows, the quarantine, the figures."""
+
+    train: pl.Series
+    test: pl.Series
+    quarantine: pl.DataFrame
+    report: CleanReport
+
+
+class CleanSetup:
+    """One config's clean: the per-row stage of a batch of records (`prepare`) and the
+    set-level steps over every prepared row (`decide`). `clean_records` runs both on
+    records in memory; `personanet.stages.clean_stream` runs `prepare` batch by batch."""
+
+    def __init__(self, config: Config, *, as_of: dt.datetime | None) -> None:
+        import polars as pl
+
+        check_config(config)
+        self.config, self.as_of = config, as_of
+        cc = config.clean
+        unit = config.dataset.privacy_unit
+        dedupe_key = list(cc.dedupe_key or [unit])
+        ts = cc.timestamp_column if cc.dedupe_keep == "newest" else None
+        transform = RowTransform(config, require_target=True, as_of=as_of,
+                                 extra=[ts] if ts else [], unit=unit)
+        self.needed = transform.needed_columns() + [c for c in (cc.split_column, *dedupe_key)
+                                                    if c]
+        # Text forms of the dedupe key (identifiers use their pseudonym instead) and the split.
+        hashed = {c for c in dedupe_key if c == ROW_UNIT or config.columns[c].role == "identifier"}
+        keys = [c if c in hashed else work_column("key", c) for c in dedupe_key]
+        helpers = [normalized_text(pl.col(c), config.columns[c].case).alias(work_column("key", c))
+                   for c in dedupe_key if c not in hashed]
+        last_checks = []
+        if cc.split_column is not None:
+            case = config.columns[cc.split_column].case
+            train_value, test_value = (fold_text(v, case)
+                                       for v in (cc.split_train_value, cc.split_test_value))
+            split_text = normalized_text(pl.col(cc.split_column), case)
+            helpers.append((split_text == test_value).fill_null(False).alias(IS_TEST))
+            last_checks.append((cc.split_column, pl.when(
+                ~split_text.is_in([train_value, test_value]).fill_null(False)
+            ).then(pl.lit(UNKNOWN_SPLIT_VALUE))))
+        transform.last_checks = last_checks
+        transform.first_exprs = helpers
+        key_columns = [UNIT_ID if k == unit else k for k in dict.fromkeys(keys)]
+        decision_columns = [c for c in key_columns if c != UNIT_ID]
+        decision_columns += [IS_TEST] if cc.split_column is not None else []
+        decision_columns += [work_column("bounded", ts)] if ts else []
+        hashed_names = transform.hashed_names()
+        self.cc, self.unit, self.ts, self.transform = cc, unit, ts, transform
+        self.key_columns, self.decision_columns = key_columns, decision_columns
+        self.keep = [c for c in decision_columns if c not in hashed_names]
+        self.images = [c.name for c in transform.columns
+                       if c.kind == "image" and c.role == "feature"]
+
+    def source_rows(self, records: pl.DataFrame, *, offset: int = 0) -> pl.DataFrame:
+        """The records as the rules read them and exact duplicates compare them."""
+        import polars as pl
+
+        if self.unit == ROW_UNIT:
+            # Each row is a person: the unit is the record's 0-based position in the collect
+            # artifact (stable: collect keeps the sources' order). Every unit is distinct, so
+            # dedupe by it and contribution bounding rightly do nothing.
+            records = (records.with_row_index(ROW_UNIT, offset=offset)
+                       .with_columns(pl.col(ROW_UNIT).cast(pl.String)))
+        return check_columns(records, self.config, self.needed,
+                             optional=self.transform.optional_columns())
+
+    def prepare(self, records: pl.DataFrame, key: bytes, *, offset: int = 0
+                ) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """The per-row stage of records whose first is row `offset` of the input: the
+        prepared rows (`evaluate_rules`) and the source columns as compared for exact
+        duplicates."""
+        import polars as pl
+
+        raw = self.source_rows(records, offset=offset)
+        source_columns = raw.columns
+        raw = raw.with_row_index(ROW, offset=offset).with_columns(pl.col(ROW).cast(pl.UInt64))
+        prepared = evaluate_rules(self.transform, raw, key, keep=self.keep)
+        return prepared, raw[source_columns]
+
+    def decide(self, prepared: pl.DataFrame,
+               exact_repeats: Callable[[pl.Series], pl.Series]) -> Decision:
+        """The set-level steps over every prepared row, in input order. `prepared` needs
+        ROW, the reasons, UNIT, the decision and flag columns (not the outputs);
+        `exact_repeats(suspects)` marks each row identical to an earlier one, given a
+        mask that includes every such row."""
+        import numpy as np
+        import polars as pl
+
+        cc, ts, transform = self.cc, self.ts, self.transform
+        key_columns, decision_columns = self.key_columns, self.decision_columns
+        rows_in = prepared.height
+        unit_ids = _group_ids(prepared[UNIT]).alias(UNIT_ID)
+        # Identical records share their privacy unit, so only rows whose unit repeats
+        # (or is missing) need the full comparison.
+        repeats = exact_repeats(unit_ids.is_duplicated())
+        has_reason = prepared[REASON].is_not_null()
+        quarantined = [quarantine_rows(prepared[[ROW, REASON, REASON_COLUMN]]
+                                       .filter(has_reason & ~repeats))]
+        if images := self.images:
+            repeats = repeats | repeated_images(  # one person's same pixels again: a duplicate
+                prepared[images], unit_ids, ~(has_reason | repeats) & unit_ids.is_duplicated())
+        duplicates_exact = int(repeats.sum())
+
+        # Who goes where is decided on a narrow frame of integer keys; the wide frame is
+        # filtered once per output at the end.
+        kept = pl.DataFrame([
+            prepared[ROW], unit_ids, pl.Series(POSITION, range(prepared.height), dtype=pl.UInt32),
+            *(prepared[c] for c in decision_columns),
+        ]).filter(~(has_reason | repeats))
+
+        # Duplicates by key, then contribution bounding, in one preference order: newest
+        # first (by the timestamp column) or source order; ties by row number (the sort is
+        # stable and `kept` is in row order).
+        if ts:
+            kept = kept.sort(work_column("bounded", ts), descending=True, nulls_last=True,
+                             maintain_order=True)
+        before = kept.height
+        distinct = (pl.col(key_columns[0]) if len(key_columns) == 1
+                    else pl.struct(key_columns)).is_first_distinct()
+        kept = kept.filter(distinct)
+        duplicates_by_key = before - kept.height
+        before = kept.height
+        if kept[UNIT_ID].n_unique() < kept.height:
+            kept = kept.filter(pl.int_range(pl.len()).over(UNIT_ID) < cc.max_rows_per_unit)
+        dropped_by_bounding = before - kept.height
+
+        # Split by person.
+        if cc.split_column is not None:
+            split_by = f"column {cc.split_column!r}"
+            if cc.max_rows_per_unit > 1:
+                # The column could put one person's rows on both sides: the person's
+                # preferred row decides, and rows that disagree are quarantined.
+                conflict = pl.col(IS_TEST) != pl.col(IS_TEST).first().over(UNIT_ID)
+                quarantined.append(quarantine_rows(kept.filter(conflict).with_columns(
+                    pl.lit(SPLIT_CONFLICT).alias(REASON),
+                    pl.lit(cc.split_column).alias(REASON_COLUMN),
+                )))
+                kept = kept.filter(~conflict)
+        else:
+            split_by = f"hash of the pseudonym (seed {cc.seed}, test_fraction {cc.test_fraction:g})"
+            units_kept = prepared[UNIT].gather(kept[POSITION])
+            kept = kept.with_columns(
+                hash_split(units_kept, seed=cc.seed, test_fraction=cc.test_fraction).alias(IS_TEST)
+            )
+
+        sides, units = {}, {}
+        for name, is_test in (("train", False), ("test", True)):
+            side = kept.filter(pl.col(IS_TEST) == is_test)
+            mask = np.zeros(prepared.height, dtype=bool)
+            mask[side[POSITION].to_numpy()] = True
+            sides[name] = pl.Series(mask)
+            units[name] = side[UNIT_ID].n_unique()
+        quarantine = pl.concat(quarantined).sort("row")
+        by_reason = quarantine.group_by("reason").len()
+        by_column = quarantine.group_by("column").len().drop_nulls("column")
+        report = CleanReport(
+            rows_in=rows_in,
+            rows_train=int(sides["train"].sum()),
+            rows_test=int(sides["test"].sum()),
+            duplicates_exact=duplicates_exact,
+            duplicates_by_key=duplicates_by_key,
+            duplicates_removed=duplicates_exact + duplicates_by_key,
+            rows_quarantined=quarantine.height,
+            quarantined_by_reason=_sorted_counts(by_reason["reason"], by_reason["len"]),
+            quarantined_by_column=_sorted_counts(by_column["column"], by_column["len"]),
+            rows_dropped_by_bounding=dropped_by_bounding,
+            units_train=units["train"],
+            units_test=units["test"],
+            split_by=split_by,
+            as_of=format_instant(self.as_of) if self.as_of else None,
+            columns=transform.counters(prepared, sides["train"] | sides["test"]),
         )
-    return CleanOutcome(train=train, test=test, quarantine=quarantine, report=report)
-
-
-def hash_split(units: pl.Series, *, seed: int, test_fraction: float) -> pl.Series:
-    """True for the privacy units that go to test: deterministic in pseudonym and seed.
-
-    The pseudonym is already a keyed pseudo-random value, so 60 of its bits mixed with
-    the seed by SplitMix64 give a uniform number u in [0, 1); u < test_fraction is test.
-    A person's rows share a pseudonym, so they always land on the same side, and the
-    side depends on no other record.
-    """
-    import numpy as np
-    import polars as pl
-
-    bits = units.str.slice(0, 15).str.to_integer(base=16, strict=True).cast(pl.UInt64)
-    mixed = _splitmix64(bits.to_numpy() ^ _splitmix64(np.array([seed % 2**64], np.uint64))[0])
-    threshold = np.uint64(min(int(test_fraction * 2.0**64), 2**64 - 1))
-    return pl.Series(units.name, mixed < threshold, dtype=pl.Boolean)
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    import numpy as np
-
-    # uint64 arithmetic wraps modulo 2**64, which is what the mixer wants.
-    with np.errstate(over="ignore"):
-        z = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-
-def _group_ids(values: pl.Series) -> pl.Series:
-    """A UInt64 per value, equal exactly when the values are equal (nulls: one id).
-
-    Grouping 32-character pseudonyms is several times slower than grouping integers.
-    A 64-bit hash is used after checking, among the values whose hash repeats, that
-    no two different values share one; otherwise the exact dense rank.
-    """
-    import polars as pl
-
-    hashed = values.hash(seed=0)
-    repeated = hashed.is_duplicated()
-    if values.filter(repeated).n_unique() == hashed.filter(repeated).n_unique():
-        return hashed
-    return values.rank("dense").cast(pl.UInt64)
-
-
-def _exact_duplicates(frame: pl.DataFrame, suspects: pl.Series) -> pl.Series:
-    """True for each record identical (every column) to an earlier one.
-
-    `suspects` must include every row that has an identical twin; the full comparison
-    runs on those rows only.
-    """
-    import numpy as np
-    import polars as pl
-
-    columns = frame.columns
-    repeats = np.zeros(frame.height, dtype=bool)
-    if suspects.any():
-        positions = suspects.arg_true()
-        first = frame[positions].select(pl.struct(columns).is_first_distinct()).to_series()
-        repeats[positions.filter(~first).to_numpy()] = True
-    return pl.Series(repeats)
+        if report.rows_accounted != rows_in:
+            raise InternalError(
+                f"clean lost track of rows: {rows_in} in, {report.rows_accounted} accounted for"
+            )
+        return Decision(train=sides["train"], test=sides["test"], quarantine=quarantine,
+                        report=report)
 
 
 def _sorted_counts(keys: pl.Series, counts: pl.Series) -> dict[str, int]:

@@ -8,7 +8,9 @@ only refuses what it cannot read and never interprets a value.
 
 from __future__ import annotations
 
+import itertools
 import logging
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any
 from personanet.config import Config
 from personanet.errors import BadInputError
 from personanet.sources import Source, open_sources
+from personanet.sources.images import status_column
 from personanet.stages.base import StagePlan, StageResult, run_stage
 from personanet.stages.files import RECORDS
 from personanet.stages.lineage import collect_fingerprint
@@ -26,6 +29,9 @@ from personanet.store.keys import MasterKey
 from personanet.ui import track
 
 log = logging.getLogger("personanet")
+
+#: rows read and encrypted at a time (about 20 MiB of text columns for the persona export)
+BATCH_ROWS = 100_000
 
 
 @dataclass
@@ -51,57 +57,81 @@ class CollectReport:
 
 
 def collect(config: Config, store: ArtifactStore, key: MasterKey, *,
-            sources: list[str] | None = None, force: bool = False) -> StageResult:
+            sources: list[str] | None = None, force: bool = False,
+            incremental: bool | None = None) -> StageResult:
     """Read the configured sources into a new encrypted `collect` artifact.
 
     `sources` (files or globs, relative to the working directory) replaces
     `dataset.source` (relative to the config file). An identical earlier
     artifact (same source bytes, same columns) is reused unless `force`.
+    `incremental` True reads only what is new since the config's last collection
+    (`personanet.stages.increments`), False everything; None: incrementally when
+    the last collection was incremental.
     """
-    return run_stage(store, key, lambda: _plan(config, key, sources), force=force)
+    return run_stage(store, key, lambda: _plan(config, key, sources, store, incremental),
+                     force=force)
 
 
-def _plan(config: Config, key: MasterKey, sources: list[str] | None) -> StagePlan:
+def _plan(config: Config, key: MasterKey, sources: list[str] | None,
+          store: ArtifactStore, incremental: bool | None) -> StagePlan:
     """What collect would write: identified by the sources' bytes and the columns."""
+    from personanet.stages import increments
+
     base = Path.cwd() if sources else config.base_dir
-    opened = open_sources(sources or config.dataset.source, config.source, base=base)
+    opened = open_sources(sources or config.dataset.source, config.source, base=base,
+                          columns=config.columns,
+                          database=None if sources else config.dataset.database)
+    part = increments.plan_collection(config, store, key, opened, patterns=sources,
+                                      incremental=incremental)
+    if part.nothing_new:
+        return increments.reuse_parent(part)
+    database = increments.database_plan(config, key, part, conform=_conform,
+                                        report=CollectReport)
+    if database is not None:
+        return database
+    opened = part.sources
     files = [SourceFile(**source.describe()) for source in opened]
-    fp = collect_fingerprint(config, [source.fingerprint() for source in opened])
+    fp = collect_fingerprint(config, [source.fingerprint() for source in opened],
+                             parent=part.parent_version)
     return StagePlan(
         "collect", fp, inputs=_inputs(files),
         config={"dataset": config.section("dataset"), "columns": sorted(config.columns),
                 "source": config.section("source")},
         config_hash=config.section_hash("dataset", "columns", "source"),
-        write=partial(_write, config, key, opened, files))
+        write=part.after(partial(_write, config, key, opened, files)))
 
 
 def _write(config: Config, key: MasterKey, opened: list[Source], files: list[SourceFile],
            writer: ArtifactWriter) -> None:
     """Read every source, keep the configured columns, write them encrypted."""
-    import polars as pl
-
     report = CollectReport(sources=files, key_id=key.key_id)
-    frames = []
-    for described, source in zip(files, track(opened, "reading sources", len(opened)),
-                                 strict=True):
-        frame = _conform(source.read(), config, source.name, report)
-        described.rows = frame.height
-        frames.append(frame)
-    records = pl.concat(frames, how="vertical") if len(frames) > 1 else frames[0]
-    if records.height == 0:
+
+    def conformed() -> Iterator[Any]:
+        # Batch by batch into the encrypted Parquet: memory stays flat however many rows.
+        for described, source in zip(files, track(opened, "reading sources", len(opened)),
+                                     strict=True):
+            for frame in source.batches(BATCH_ROWS):
+                frame = _conform(frame, config, source.name, report)
+                described.rows += frame.height
+                report.columns = frame.columns
+                yield frame
+
+    frames = conformed()
+    first = next(frames, None)
+    rows = 0 if first is None else tables.write_encrypted_parquet_stream(
+        writer.path(RECORDS), itertools.chain([first], frames), key)
+    if rows == 0:
         raise BadInputError(
             f"{', '.join(source.name for source in opened)}: no records (only a header?): "
             "nothing to collect"
         )
-    report.rows = records.height
-    report.columns = records.columns
+    report.rows = rows
     if report.columns_dropped:
         # Said once, so a forgotten feature (or an email column nobody wanted) is noticed.
         log.info("collect: %d source column(s) not in the config, not stored: %s (add "
                  "[columns.NAME] to keep one)", len(report.columns_dropped),
                  ", ".join(report.columns_dropped))
-    tables.write_encrypted_parquet(writer.path(RECORDS), records, key)
-    writer.add(RECORDS, rows=records.height, encrypted=True, key_id=key.key_id)
+    writer.add(RECORDS, rows=rows, encrypted=True, key_id=key.key_id)
     # The manifest lists each source's row count, known only now that it was read.
     writer.manifest["inputs"] = _inputs(files)
     writer.figures = asdict(report)
@@ -127,12 +157,17 @@ def _conform(frame: Any, config: Config, source_name: str, report: CollectReport
             f"{source_name}: required column(s) {', '.join(missing)} missing from the "
             f"source{hint}; fix the export or set required = false in [columns.NAME]"
         )
+    # An image column's status (why its bytes are null) travels with it, for clean.
+    statuses = [status_column(n) for n, c in config.columns.items() if c.kind == "image"]
     for name in frame.columns:
-        if name not in config.columns and name not in report.columns_dropped:
+        if name not in config.columns and name not in report.columns_dropped \
+                and name not in statuses:
             report.columns_dropped.append(name)
     for name in config.columns:
         if name not in present and name not in report.columns_absent:
             report.columns_absent.append(name)
-    exprs = [pl.col(n) if n in present else pl.lit(None, dtype=pl.String).alias(n)
-             for n in config.columns]
-    return frame.select(exprs)
+    exprs = [pl.col(n) if n in present else pl.lit(None, dtype=(
+        pl.Binary if config.columns[n].kind == "image" else pl.String)).alias(n)
+        for n in config.columns]
+    return frame.select(exprs + [pl.col(n) if n in present else
+                                 pl.lit(None, dtype=pl.String).alias(n) for n in statuses])

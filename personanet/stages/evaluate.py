@@ -104,7 +104,11 @@ def compute_metrics(config: Config, key: MasterKey, model_artifact: Artifact,
                     sensitive: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """metrics.json's content, and the curves the plots are drawn from."""
     from personanet.models import load_model, predict_frame
-    from personanet.privacy.audit import attack_roc_curve, membership_inference_audit
+    from personanet.privacy.audit import (
+        attack_roc_curve,
+        membership_inference_audit,
+        per_person,
+    )
     from personanet.privacy.record import PrivacyRecord
     from personanet.reporting import groups as fairness
     from personanet.reporting import report
@@ -122,7 +126,8 @@ def compute_metrics(config: Config, key: MasterKey, model_artifact: Artifact,
     privacy = PrivacyRecord.read(model_artifact.file(PRIVACY))
     ev = config.evaluate
     test = tables.read_artifact_table(clean_artifact, TEST_TABLE, key)
-    members = tables.read_artifact_table(member_artifact, TRAIN_TABLE, key)
+    members = _trained_on_rows(model_artifact,
+                               tables.read_artifact_table(member_artifact, TRAIN_TABLE, key))
     if clean_artifact.version == member_artifact.version:
         nonmembers = test
     else:
@@ -150,6 +155,7 @@ def compute_metrics(config: Config, key: MasterKey, model_artifact: Artifact,
     group_order = {name: g.labels for name, g in groupings.items()}
     min_group_size = ev.min_group_size
     curves: dict[str, Any] = {}
+    per_class: dict[str, Any] | None = None
     if encoder.task == "regression":
         y_units = encoder.unscale_target(y)
         overall = regression_metrics(y_units, out)
@@ -169,6 +175,11 @@ def compute_metrics(config: Config, key: MasterKey, model_artifact: Artifact,
         if len(classes) == 2:
             curves["roc"] = roc_curve(y == 1, out[:, 1])[:2]
         curves["calibration"] = calibration_curve(y, out)
+        if len(classes) > 2:  # per-class accuracy and the confusion matrix (reporting/classes)
+            from personanet.reporting.classes import class_metrics
+
+            per_class = class_metrics(y, out, classes, min_group_size=min_group_size)
+            curves["confusion"] = per_class["confusion_matrix"]
         task = "classification"
     for name, g in groupings.items():
         groups[name]["grouping"] = g.to_json()
@@ -181,13 +192,24 @@ def compute_metrics(config: Config, key: MasterKey, model_artifact: Artifact,
         # Calibrating each loss by its class's typical non-member loss (fitted on the
         # threshold half only) removes "this class is just harder", which a global
         # threshold mistakes for membership.
+        claimed = privacy.epsilon if privacy.private else None
+        rows_per_unit = config.clean.max_rows_per_unit
+        if rows_per_unit > 1:  # a member is a person, all their rows (privacy/audit.py)
+            member_loss, member_class = per_person(
+                member_loss, _labelled_units(config, encoder, members), member_class)
+            nonmember_loss, nonmember_class = per_person(
+                nonmember_loss, _labelled_units(config, encoder, nonmembers), nonmember_class)
+            level = privacy.unit_level or {}
+            if privacy.private and level.get("level") == "row":  # the per-person claim
+                claimed = level.get("person_epsilon")
         strata = ({"member_strata": member_class, "nonmember_strata": nonmember_class}
                   if encoder.task != "regression" else {})
         result = membership_inference_audit(
             member_loss, nonmember_loss, delta=float(privacy.delta or config.train.delta),
-            epsilon_claimed=privacy.epsilon if privacy.private else None, seed=ev.seed,
-            **strata)
+            epsilon_claimed=claimed, seed=ev.seed, **strata)
         audit_json = result.to_json()
+        if rows_per_unit > 1:
+            audit_json.update(unit="person", rows_per_unit=rows_per_unit)
         curves["attack_roc"] = attack_roc_curve(member_loss, nonmember_loss)
 
     gates = report.build_gates(overall=overall, groups=groups, audit=audit_json,
@@ -204,7 +226,9 @@ def compute_metrics(config: Config, key: MasterKey, model_artifact: Artifact,
                   "target": encoder.target_name,
                   "noise_multiplier": privacy.noise_multiplier,
                   "sample_rate": privacy.sample_rate, "steps": privacy.steps,
-                  "accountant": privacy.accountant},
+                  "accountant": privacy.accountant,
+                  # k > 1 only: who the epsilon is for (privacy.json's unit_level)
+                  **({"unit_level": privacy.unit_level} if privacy.unit_level else {})},
         "data": {"test_version": clean_artifact.version, "n_test": int(len(y)),
                  "n_test_unlabelled": int((~labelled).sum()),
                  "n_members": int(members.height), "n_nonmembers": int(nonmembers.height)},
@@ -215,6 +239,8 @@ def compute_metrics(config: Config, key: MasterKey, model_artifact: Artifact,
         "audit": audit_json,
         "gates": gates,
     }
+    if per_class is not None:
+        metrics["per_class"] = per_class
     return metrics, curves
 
 
@@ -223,6 +249,25 @@ def _group_definitions(config: Config, sensitive: list[str]) -> dict[str, Any]:
     from personanet.reporting.groups import groupings
 
     return {name: g.to_json() for name, g in groupings(config, sensitive).items()}
+
+
+def _trained_on_rows(model_artifact: Artifact, members: Any) -> Any:
+    """The training split less the people train held out for validation (never trained
+    on: not members), by the same split (stages/validation.py)."""
+    from personanet.stages.validation import split_validation
+
+    held = (model_artifact.figures.get("validation") or {}).get("fraction") or 0.0
+    if not held:
+        return members
+    seed = int(model_artifact.manifest.get("seed", 0))
+    return split_validation(members, seed=seed, fraction=float(held))[0]
+
+
+def _labelled_units(config: Config, encoder: Any, frame: Any) -> np.ndarray:
+    """The person of each labelled row, in `_per_example_loss`'s order."""
+    from personanet.stages.units import unit_ids
+
+    return unit_ids(frame, config)[encoder.transform(frame).labelled]
 
 
 def _per_example_loss(model: Any, encoder: Any, frame: Any, batch_size: int

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 #: collect: the records as text, configured columns only
 RECORDS = "records.parquet.enc"
+#: collect from a database with a watermark column: the largest value read (a value of a
+#: record, so encrypted like one); `collect --incremental` reads only rows past it
+WATERMARK = "watermark.parquet.enc"
 
 #: clean: the people held for training and for evaluation, and what was set aside
 TRAIN_TABLE = "train.parquet.enc"
@@ -20,6 +23,8 @@ MODEL_WEIGHTS = "model.safetensors"
 MODEL_SPEC = "model.json"
 ENCODER = "encoder.json"
 PRIVACY = "privacy.json"
+#: tune: every trial of the search (settings, DP scores): encrypted, for the key holder only
+TUNING_REPORT = "tuning.json.enc"
 
 #: evaluate: the figures and the human-readable report (plots are named by the report)
 METRICS = "metrics.json"

@@ -19,6 +19,7 @@ from personanet.store.artifacts import Artifact, ArtifactStore
 
 if TYPE_CHECKING:
     from personanet.config import Config
+    from personanet.sources import Source
 
 log = logging.getLogger("personanet")
 
@@ -29,14 +30,17 @@ CHAIN = ("collect", "clean", "train")
 # ------------------------------------------------------------------- fingerprints
 
 
-def collect_fingerprint(config: Config, source_identities: list[str]) -> str:
+def collect_fingerprint(config: Config, source_identities: list[str], *,
+                        parent: str | None = None) -> str:
     """collect's identity: its sources' identities (`Source.fingerprint()`: a file's sha256),
-    in order, and the configured columns."""
+    in order, and the configured columns; an increment's also its parent's version."""
     from personanet.config import SourceConfig
 
     # How the files are read ([source]) changes the records; the default adds nothing, so
     # stores made before [source] existed keep their identities.
     read = {} if config.source == SourceConfig() else {"read": config.section("source")}
+    if parent is not None:
+        read["parent"] = parent
     return fingerprint("collect", sources=list(source_identities),
                        columns={name: column.required for name, column in config.columns.items()},
                        **read)
@@ -54,6 +58,13 @@ def train_fingerprint(config: Config, clean_version: str, *, private: bool) -> s
                        private=private)
 
 
+def tune_fingerprint(config: Config, clean_version: str) -> str:
+    """tune's identity (a `train` artifact too): the input, and [train] and [tune], whose
+    search space and budget decide the search."""
+    return fingerprint("tune", input=clean_version,
+                       config=config.section_hash("columns", "train", "dataset", "tune"))
+
+
 # -------------------------------------------------------------------------- chain
 
 
@@ -61,31 +72,42 @@ def resolve_chain(config: Config, store: ArtifactStore) -> dict[str, Artifact | 
     """Each stage's artifact in the config's chain, or None where it does not exist yet.
 
     Reads manifests and fingerprints the config's sources; runs nothing. The train entry
-    is the private model when it exists, else the chain's `--no-dp` model. Raises
+    is the private model when it exists, else the chain's `--no-dp` model (with
+    ``tune.use_in_chain``: the config's tuned model, and only that one). Raises
     InputMissingError (66) when the sources are gone, since then the chain has no start.
     """
-    from personanet.sources import open_sources
+    from personanet.stages.increments import chain_head
 
     chain: dict[str, Artifact | None] = dict.fromkeys(CHAIN)
-    try:
-        sources = open_sources(config.dataset.source, config.source, base=config.base_dir)
-    except InputMissingError as exc:
-        raise InputMissingError(
-            f"{exc}; the config's chain of artifacts starts from its sources, so name the "
-            "artifact to use: --input VERSION (clean, train) or --model VERSION (evaluate, "
-            "predict); `personanet artifacts list` shows them") from None
-    chain["collect"] = store.find_reusable(
-        "collect", collect_fingerprint(config, [source.fingerprint() for source in sources]))
+    chain["collect"] = chain_head(config, store, lambda: _config_sources(config))
     if chain["collect"] is not None:
         chain["clean"] = store.find_reusable(
             "clean", clean_fingerprint(config, chain["collect"].version))
-    if chain["clean"] is not None:
+    if chain["clean"] is not None and config.tune.use_in_chain:
+        # [tune] use_in_chain: the tuned model stands for train (only that one: a config
+        # that asks for it never falls back silently to another model)
+        chain["train"] = store.find_reusable(
+            "train", tune_fingerprint(config, chain["clean"].version))
+    elif chain["clean"] is not None:
         for private in (True, False):
             chain["train"] = store.find_reusable(
                 "train", train_fingerprint(config, chain["clean"].version, private=private))
             if chain["train"] is not None:
                 break
     return chain
+
+
+def _config_sources(config: Config) -> list[Source]:
+    from personanet.sources import open_sources
+
+    try:
+        return open_sources(config.dataset.source, config.source, base=config.base_dir,
+                            columns=config.columns)
+    except InputMissingError as exc:
+        raise InputMissingError(
+            f"{exc}; the config's chain of artifacts starts from its sources, so name the "
+            "artifact to use: --input VERSION (clean, train) or --model VERSION (evaluate, "
+            "predict); `personanet artifacts list` shows them") from None
 
 
 def chain_input(config: Config, store: ArtifactStore, stage: str, *, reader: str

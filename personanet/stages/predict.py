@@ -23,6 +23,7 @@ from personanet.config import Config, SourceConfig
 from personanet.errors import BadInputError, InternalError, OutputError, UsageError
 from personanet.privacy.record import PrivacyRecord
 from personanet.sources import Source, open_sources
+from personanet.sources.images import is_status_column
 from personanet.stages.base import (
     StagePlan,
     StageResult,
@@ -170,9 +171,11 @@ class _Batch:
 def _input_source(config: Config, source: str | None) -> Source:
     """The one source to score: `--input`, else `predict.source`, read with `[source]`."""
     if source is not None:
-        sources = open_sources([source], config.source, base=Path.cwd())
+        sources = open_sources([source], config.source, base=Path.cwd(),
+                               columns=config.columns)
     elif config.predict.source:
-        sources = open_sources([config.predict.source], config.source, base=config.base_dir)
+        sources = open_sources([config.predict.source], config.source, base=config.base_dir,
+                               columns=config.columns)
     else:
         from personanet.errors import InputMissingError
 
@@ -263,7 +266,8 @@ def _score(batches: Iterator[_Batch], model: Any, encoder: Any, config: Config,
 
 def _note_dropped_columns(columns: list[str], config: Config, report: PredictReport) -> None:
     """Say once which input columns the config does not name (they are never read)."""
-    report.columns_dropped = [c for c in columns if c not in config.columns]
+    report.columns_dropped = [c for c in columns if c not in config.columns
+                              and not is_status_column(c)]  # an image's status: read
     if report.columns_dropped:
         log.info("predict: %d input column(s) not in the config, not read: %s",
                  len(report.columns_dropped), ", ".join(report.columns_dropped))

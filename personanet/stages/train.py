@@ -30,6 +30,7 @@ is read back with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
@@ -39,21 +40,33 @@ from typing import TYPE_CHECKING, Any
 
 from personanet.config import AUTO, Config
 from personanet.errors import BadInputError, ConfigError, InternalError
-from personanet.models import DEFAULT_FAMILY, get_family
-from personanet.models.encoding import Encoder
+from personanet.models import family_name_for, get_family, state_dict_for_saving
 from personanet.privacy import Ledger
 from personanet.privacy.record import NON_PRIVATE_NOTE, PrivacyRecord
-from personanet.stages import base as stage
 from personanet.stages.base import StageResult, require_key
 from personanet.stages.files import PRIVACY, TRAIN_TABLE
 from personanet.stages.lineage import chain_input, train_fingerprint
+from personanet.stages.train_start import start
+from personanet.stages.units import unit_ids
+from personanet.stages.validation import ValidationCurve, split_validation, validation_fraction
 from personanet.store import tables
 from personanet.store.artifacts import ArtifactStore, new_version
-from personanet.training.checkpoints import Checkpoint, RunFolders, save_checkpoint
+from personanet.training.augment import augmentation_for
+from personanet.training.checkpoints import RunFolders, save_checkpoint
 from personanet.training.defaults import describe_auto, resolve_train_config, small_data_warnings
 from personanet.training.devices import resolve_device
-from personanet.training.loop import TrainHistory, make_loader, make_optimizer, run_epochs
+from personanet.training.distributed import (
+    World,
+    barrier,
+    broadcast_json,
+    check_replicas,
+    guarded,
+    joined,
+    share,
+)
+from personanet.training.loop import TrainHistory, make_optimizer, run_epochs
 from personanet.training.private import TrainingRun, check_delta, make_plain, make_private
+from personanet.training.units import UnitPlan, unit_plan
 
 if TYPE_CHECKING:
     import polars as pl
@@ -91,21 +104,27 @@ def train(config: Config, store: ArtifactStore, key: MasterKey, *,
         InputMissingError: (exit 66) no clean artifact, or nothing to resume.
     """
     require_key(store, key)  # a root holds one master key: refuse another before any write
+    # Under torchrun, one process of several (training/distributed.py): rank 0 alone
+    # writes, the others read and train.
+    world = World.from_env()
     # One writer per artifact root for the whole stage: a second identical command waits
     # (then reuses the first one's artifact) instead of redoing the work, which for
     # train would charge the privacy budget twice.
-    with store.lock():
+    with (store.lock() if world is None or world.main else contextlib.nullcontext(),
+          joined(world, device or config.train.device)):
         return _train_locked(config, store, key, input_version=input_version, force=force,
-                              no_dp=no_dp, device=device, resume=resume)
+                              no_dp=no_dp, device=device, resume=resume, world=world)
 
 
 
 def _train_locked(config: Config, store: ArtifactStore, key: MasterKey, *,
                   input_version: str | None = None, force: bool = False, no_dp: bool = False,
-                  device: str | None = None, resume: bool = False) -> StageResult:
-    """The stage itself, under the root's lock."""
+                  device: str | None = None, resume: bool = False,
+                  world: World | None = None) -> StageResult:
+    """The stage itself, under the root's lock (held by rank 0 of several processes)."""
     import torch
 
+    main = world is None or world.main
     private = not no_dp
     cfg = config.train
     _check_train_config(config, private=private)
@@ -116,61 +135,60 @@ def _train_locked(config: Config, store: ArtifactStore, key: MasterKey, *,
     run_folders = RunFolders(store)
     ledger = Ledger(store, key)  # sealed under the master key: an edited ledger is refused
 
-    # -- reuse an identical model, or find the interrupted run to continue
-    checkpoint: Checkpoint | None = None
-    if resume:
-        checkpoint = run_folders.resumable(fp, ledger)
-        logger.info("resuming run %s from epoch %d/%d", checkpoint.run_id, checkpoint.epoch,
-                    checkpoint.state["epochs"])
-    else:
-        reused = stage.find_reusable(store, "train", fp, force=force)
-        if reused is not None:
-            logger.info("reusing train artifact %s (identical input and config; no budget "
-                        "spent)", reused.version)
-            return _with_plan_warnings(reused)
-        for waiting in run_folders.interrupted(fp, ledger):
-            logger.warning("run %s was interrupted and keeps its budget reserved; "
-                           "`personanet train --resume` continues it", waiting)
-        if private:  # fail fast, before reading any data; `reserve` checks again under lock
-            ledger.check(epsilon=cfg.epsilon, delta=cfg.delta,
-                         budget_epsilon=config.budget.epsilon, budget_delta=config.budget.delta)
+    # -- reuse an identical model, or find the interrupted run to continue (rank 0 decides)
+    checkpoint, reused = start(world, config, store, ledger, run_folders, fp, resume=resume,
+                               force=force, private=private)
+    if reused is not None:
+        return reused
 
     # -- load the clean rows, resolve "auto" settings, encode with the public schema
     started = time.perf_counter()
     frame = _read_training_frame(clean, key, config)
+    # The family (tabular MLP, image cnn) reads the config; some people are held out to
+    # report loss and accuracy per epoch, never trained on (stages/validation.py)
+    family = get_family(family_name_for(config))
+    held_fraction = validation_fraction(config, family.name)
+    frame, held_out = split_validation(frame, seed=cfg.seed, fraction=held_fraction)
+    # Whom sampling and clipping protect: people (all their rows) or rows (training/units.py)
+    plan = unit_plan(unit_ids(frame, config), level=cfg.privacy_unit_level,
+                     max_rows_per_unit=config.clean.max_rows_per_unit)
     # "auto" settings are chosen from how many people there are to learn from, known only
     # now; `run_config` holds the numbers this run uses, `config` what the user wrote (the
     # fingerprint and the manifest keep "auto": the same rows always resolve the same way).
-    cfg, chosen = resolve_train_config(cfg, n_train_rows=frame.height)
+    cfg, chosen = (family.resolve_auto or resolve_train_config)(cfg,
+                                                                n_train_rows=plan.sampled)
     run_config = dataclasses.replace(config, train=cfg)
     if chosen:
         logger.info(describe_auto(chosen, epsilon=cfg.epsilon))
-    encoder = Encoder.from_config(run_config)
+    encoder = family.encoder(run_config)
+    validation = ValidationCurve.of(encoder.transform(held_out) if held_out.height else None,
+                                    fraction=held_fraction, device=torch_device)
     rows = encoder.transform(frame)
     del frame
     if private:
-        check_delta(cfg.delta, rows=len(rows))
+        check_delta(cfg.delta, rows=plan.sampled)
 
     # -- build the network; the initial weights are public: seeded from the config
-    # (one family today; the config names none, so a model.json written here names none)
-    family = get_family(DEFAULT_FAMILY)
+    # (a tabular model.json names no family, as before families existed)
     torch.manual_seed(cfg.seed)
     spec = family.spec_for(encoder, cfg)
     model = family.build(spec).to(torch_device)
     loss_fn = family.loss(encoder.task, reduction="none")
     optimizer = make_optimizer(model, cfg)
-    loader = make_loader(rows, batch_size=cfg.batch_size, device=torch_device, private=private,
-                         seed=cfg.seed)
+    loader = plan.loader(rows, batch_size=cfg.batch_size, device=torch_device,
+                         private=private, seed=cfg.seed)
 
     # -- make it private: Opacus' optimizer, Poisson sampler and accountant
     if private:
         run = make_private(model, optimizer, loader, run_config, family=family,
-                           task=encoder.task, device=torch_device, checkpoint=checkpoint)
+                           task=encoder.task, device=torch_device, checkpoint=checkpoint,
+                           rows_per_unit=plan.physical_rows)
     else:
         run = make_plain(model, optimizer, loader, run_config, family=family)
+    run.augment = augmentation_for(cfg, private=private)  # images only (training/augment.py)
     plan_warnings = small_data_warnings(sample_rate=run.sample_rate,
                                         planned_steps=run.planned_steps,
-                                        rows=len(rows)) if private else []
+                                        rows=plan.sampled) if private else []
     for warning in plan_warnings:
         logger.warning(warning)
 
@@ -178,21 +196,31 @@ def _train_locked(config: Config, store: ArtifactStore, key: MasterKey, *,
     history = TrainHistory()
     if checkpoint is not None:
         run_id = checkpoint.run_id
-        run_dir = run_folders.open(run_id)  # locked by this process until it ends
+        # locked by this process until it ends (by rank 0 for all of a run's processes)
+        run_dir = run_folders.open(run_id) if main else run_folders.root / run_id
         checkpoint.restore(run, history, device=torch_device)
     else:
-        run_id = new_version()
-        if private:  # the budget is taken before the first step, or the run is refused
-            ledger.reserve(run_id=run_id, epsilon=cfg.epsilon, delta=cfg.delta,
-                           budget_epsilon=config.budget.epsilon,
-                           budget_delta=config.budget.delta, accountant=run.accountant,
-                           noise_multiplier=run.noise_multiplier,
-                           sample_rate=run.sample_rate, steps_planned=run.planned_steps,
-                           steps=0, input=clean.version, fingerprint=fp,
-                           grad_sample_mode=run.grad_sample_mode)
+        def reserve() -> str:
+            run_id = new_version()
+            if private:  # the budget is taken before the first step, or the run is refused
+                ledger.reserve(run_id=run_id, epsilon=cfg.epsilon, delta=cfg.delta,
+                               budget_epsilon=config.budget.epsilon,
+                               budget_delta=config.budget.delta, accountant=run.accountant,
+                               noise_multiplier=run.noise_multiplier,
+                               sample_rate=run.sample_rate, steps_planned=run.planned_steps,
+                               steps=0, input=clean.version, fingerprint=fp,
+                               grad_sample_mode=run.grad_sample_mode)
+            return run_id
+
+        barrier(world, "the start")  # no budget is taken while a rank is still failing
+        run_id = share(world, reserve)
         run_dir = run_folders.root / run_id
 
     def save(epoch: int) -> None:
+        if not main:  # rank 0 holds the same weights and writes them
+            return
+        if validation is not None:  # logged, and kept for the manifest
+            validation.measure(run.model, family, loss_fn, epoch=epoch)
         save_checkpoint(run_dir, epoch=epoch, run_id=run_id, fingerprint=fp, run=run,
                         history=history, spec=spec, clean_version=clean.version,
                         config=config,
@@ -200,19 +228,28 @@ def _train_locked(config: Config, store: ArtifactStore, key: MasterKey, *,
 
     # -- the loop, a checkpoint after every epoch
     try:
-        if checkpoint is None:
+        if checkpoint is None and main:
             run_folders.open(run_id)
-        run_epochs(run, loss_fn, history, cfg.epochs, save=save)
+        guarded("training", lambda: run_epochs(run, loss_fn, history, cfg.epochs, save=save))
+        if world is not None:  # every rank must hold rank 0's weights, to the bit
+            check_replicas(world, state_dict_for_saving(model))
     except BaseException as exc:
-        _stopped(exc, ledger, run_id, run_dir, run, private=private)
-        run_folders.release(run_id)
+        if main:  # the ledger and the run folder are rank 0's
+            _stopped(exc, ledger, run_id, run_dir, run, private=private)
+            run_folders.release(run_id)
         raise
 
+    if not main:  # rank 0 commits and settles; this rank returns what it committed
+        return StageResult.of(store.get("train", broadcast_json(world)), reused=False)
     # -- save the model, then settle the budget at what the run spent
     wall = history.wall_before + time.perf_counter() - started
     figures, privacy = _figures(run, history, run_config, rows=len(rows),
                                 device=torch_device, wall_seconds=wall, run_id=run_id,
-                                resumed=checkpoint is not None, auto=chosen)
+                                resumed=checkpoint is not None, auto=chosen, plan=plan)
+    if world is not None:  # training processes (one process: no key, as before)
+        figures["processes"] = world.size
+    if validation is not None:  # sealed in the manifest only (stages/validation.py)
+        figures["validation"] = validation.to_json()
     with store.lock():
         writer = store.create("train", fingerprint=fp, inputs=[clean.as_input()],
                               config={name: config.section(name)
@@ -232,23 +269,12 @@ def _train_locked(config: Config, store: ArtifactStore, key: MasterKey, *,
             ledger.record_non_private(run_id=run_id, version=artifact.version,
                                       input=clean.version, fingerprint=fp, steps=run.steps)
     run_folders.remove(run_id)
+    if world is not None:
+        broadcast_json(world, artifact.version)
     warnings_out = plan_warnings if private else [
         "trained WITHOUT differential privacy (--no-dp): for comparison only; this model "
         "carries no privacy guarantee"]
     return StageResult.of(artifact, reused=False, warnings=warnings_out)
-
-
-def _with_plan_warnings(reused: StageResult) -> StageResult:
-    """A reused model still carries the warnings of the plan it was trained with."""
-    figures = reused.figures
-    if not figures.get("private"):
-        return reused
-    found = small_data_warnings(sample_rate=float(figures["sample_rate"]),
-                                planned_steps=int(figures["steps"]),
-                                rows=int(figures["train_rows"]))
-    for warning in found:
-        logger.warning(warning)
-    return dataclasses.replace(reused, warnings=[*reused.warnings, *found])
 
 
 # --------------------------------------------------------------------- data
@@ -264,6 +290,12 @@ def _check_train_config(config: Config, *, private: bool) -> None:
             "accounts for exactly that; use adam, adamw or sgd, or --no-dp for a non-private "
             "comparison"
         )
+    if private and cfg.norm == "batchnorm":
+        raise ConfigError(
+            "train.norm = \"batchnorm\" cannot train under DP: BatchNorm normalises each example "
+            "by statistics of the whole batch, so an example's gradient depends on the others "
+            "and clipping no longer bounds one person's influence; use \"groupnorm\" or "
+            "\"none\" (or --no-dp for a non-private comparison)")
     if cfg.numeric_bins != AUTO and not 0 <= cfg.numeric_bins <= 1024:
         raise ConfigError("train.numeric_bins must be between 0 and 1024")
     if not 0.0 <= cfg.momentum < 1.0:
@@ -282,7 +314,7 @@ def _read_training_frame(clean: Artifact, key: MasterKey, config: Config) -> pl.
         raise BadInputError(f"clean artifact {clean.version} has no target column {target!r}")
     # The target's encoding does not depend on any "auto" setting, so any encoder tells
     # which rows are labelled.
-    labelled = Encoder.from_config(config).transform(frame).labelled
+    labelled = get_family(family_name_for(config)).encoder(config).transform(frame).labelled
     dropped = int((~labelled).sum())
     if dropped:
         logger.warning("%d training rows have no usable target and are left out", dropped)
@@ -317,9 +349,9 @@ def _stopped(exc: BaseException, ledger: Ledger, run_id: str, run_dir: Path, run
 
 def _figures(run: TrainingRun, history: TrainHistory, config: Config, *, rows: int,
              device: torch.device, wall_seconds: float, run_id: str, resumed: bool,
-             auto: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+             auto: dict[str, Any], plan: UnitPlan) -> tuple[dict[str, Any], dict[str, Any]]:
     """The manifest's figures and privacy.json, from the run's resolved `config`; `auto`
-    holds what `personanet.training.defaults` chose for the keys set to "auto"."""
+    holds what `personanet.training.defaults` chose for "auto" keys, `plan` whom it sampled."""
     cfg = config.train
     if run.private:
         if run.steps != run.planned_steps:
@@ -338,6 +370,7 @@ def _figures(run: TrainingRun, history: TrainHistory, config: Config, *, rows: i
             grad_sample_mode=run.grad_sample_mode, secure_rng=False,
             privacy_unit=config.dataset.privacy_unit, run_id=run_id,
             accountant_history=list(run.accountant_history),
+            unit_level=plan.record(run),
         ).to_json()
     else:
         privacy = PrivacyRecord(
@@ -363,4 +396,6 @@ def _figures(run: TrainingRun, history: TrainHistory, config: Config, *, rows: i
         "wall_seconds": round(wall_seconds, 3), "train_seconds": round(history.train_seconds, 3),
         "resumed": resumed, "run_id": run_id,
     }
+    if privacy.get("unit_level"):  # k > 1 only: a k = 1 manifest stays as it was
+        figures["unit_level"] = privacy["unit_level"]
     return figures, privacy

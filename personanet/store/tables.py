@@ -9,10 +9,11 @@ plaintext exports that records come from is `personanet.sources`' business.
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from personanet.errors import BadInputError, InputMissingError, IntegrityError
+from personanet.errors import BadInputError, InputMissingError, IntegrityError, OutputError
 from personanet.store import crypto
 
 if TYPE_CHECKING:
@@ -70,3 +71,55 @@ def read_encrypted_bytes(path: Path, key: crypto.MasterKey, *, sha256: str | Non
     stream = io.BytesIO(sealed)
     stream.name = str(path)  # errors name the file
     return b"".join(crypto.decrypt_stream(stream, key))
+
+
+def write_encrypted_parquet_stream(path: Path, frames: Iterable[pl.DataFrame],
+                                   key: crypto.MasterKey) -> int:
+    """Frames of one schema as one encrypted Parquet file, in bounded memory, with polars
+    alone; returns the rows written.
+
+    The frames feed polars' streaming engine as a Python source and its Parquet sink
+    writes into the encrypting stream: neither the table nor its Parquet bytes are ever
+    whole in memory, and no plaintext reaches the disk. At least one frame is needed (an
+    empty one gives the schema). An exception of the frames' iterator is raised as it is;
+    the file left behind has no final chunk, so every reader rejects it as truncated.
+    """
+    import itertools
+    import os
+
+    from polars.io.plugins import register_io_source
+
+    stream = iter(frames)
+    first = next(stream, None)
+    if first is None:
+        raise ValueError("write_encrypted_parquet_stream needs at least one frame")
+    rows = 0
+    failures: list[BaseException] = []
+
+    def source(with_columns: list[str] | None, predicate: Any, n_rows: int | None,
+               batch_size: int | None) -> Any:
+        nonlocal rows
+        try:
+            for frame in itertools.chain([first], stream):
+                rows += frame.height
+                yield frame if with_columns is None else frame.select(with_columns)
+        except BaseException as exc:  # polars would wrap it in an error of its own
+            failures.append(exc)
+            raise
+
+    lazy = register_io_source(source, schema=first.schema)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    with open(fd, "wb") as raw, crypto.EncryptingWriter(raw, key) as sealed:
+        try:
+            lazy.sink_parquet(sealed, compression="zstd", statistics=False)
+        except Exception:
+            if failures:
+                raise failures[0] from None
+            raise
+        sealed.close()
+        raw.flush()
+        os.fsync(raw.fileno())
+    return rows

@@ -26,10 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from personanet.errors import InputMissingError, LockBusyError
+from personanet.errors import InputMissingError, InternalError, LockBusyError
 from personanet.models import state_dict_for_saving
 from personanet.store.artifacts import utc_now
 from personanet.store.fsutil import TMP_PREFIX, fsync_dir, fsync_path, hold_lock
+from personanet.training import distributed
 
 if TYPE_CHECKING:
     import torch
@@ -200,10 +201,16 @@ class Checkpoint:
 def save_checkpoint(run_dir: Path, *, epoch: int, run_id: str, fingerprint: str,
                     run: TrainingRun, history: TrainHistory, spec: dict[str, Any],
                     clean_version: str, config: Config, wall_seconds: float) -> None:
-    """Write ``epoch-NNNN/`` atomically, then drop older epochs of this run."""
+    """Write ``epoch-NNNN/`` atomically, then drop older epochs of this run.
+
+    In a run of several processes only rank 0 writes (the others hold the same weights).
+    """
     import torch
     from safetensors.torch import save_file
 
+    world = distributed.current()
+    if world is not None and not world.main:
+        raise InternalError(f"rank {world.rank} tried to write a checkpoint: only rank 0 does")
     final = run_dir / f"epoch-{epoch:04d}"
     tmp = run_dir / f"{TMP_PREFIX}epoch-{epoch:04d}-{secrets.token_hex(3)}"
     tmp.mkdir()

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from personanet import ui
+from personanet.training import distributed
+from personanet.training.units import UNIT_INDEX, weighted_losses
 
 if TYPE_CHECKING:
     import torch
@@ -136,8 +138,11 @@ def run_epochs(run: TrainingRun, loss_fn: torch.nn.Module, history: TrainHistory
         run.on_step.pop()
 
 
+
 def _private_epoch(run: TrainingRun, loss_fn: torch.nn.Module) -> float:
     from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+    from personanet.privacy.units import sum_grad_samples_by_unit
 
     model, family, optimizer = run.model, run.family, run.optimizer
     total, count = 0.0, 0
@@ -149,23 +154,30 @@ def _private_epoch(run: TrainingRun, loss_fn: torch.nn.Module) -> float:
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         for batch in batches:
             optimizer.zero_grad(set_to_none=True)
+            if run.augment is not None:  # K augmented copies per example (training/augment.py)
+                batch = run.augment.expand(batch)
             output = model(**family.inputs(batch))
             target = batch["target"]
+            units = batch.get(UNIT_INDEX)  # person-level batches (training/units.py)
             if run.clipper is not None:
                 losses = loss_fn(output, target)
-                run.clipper.backward(losses)
+                run.clipper.backward(weighted_losses(losses, batch), units=units)
             elif run.dp_criterion is not None:  # Opacus' two-pass ghost clipping
                 loss = run.dp_criterion(output, target)
                 loss.backward()
                 losses = loss.loss_per_sample
             else:  # Opacus hooks: per-example gradients, clipped by the optimizer
                 losses = loss_fn(output, target)
-                losses.mean().backward()
+                weighted_losses(losses, batch).mean().backward()
+                if units is not None:  # one gradient per person for the optimizer to clip
+                    sum_grad_samples_by_unit(model.parameters(), units)
+            if run.augment is not None:  # average each example's copies before clipping
+                run.augment.average_copies(model)
             optimizer.step()
             total += float(losses.detach().sum())
             count += int(losses.shape[0])
     optimizer.zero_grad(set_to_none=True)
-    return total / max(count, 1)
+    return _mean_over_ranks(total, count)
 
 
 def _plain_epoch(run: TrainingRun, loss_fn: torch.nn.Module) -> float:
@@ -174,11 +186,20 @@ def _plain_epoch(run: TrainingRun, loss_fn: torch.nn.Module) -> float:
 
     optimizer, total, count = run.optimizer, 0.0, 0
     for batch in run.loader:
+        if run.augment is not None:  # plain augmentation: one fresh copy per example
+            batch = run.augment.expand(batch)
         size = int(batch["target"].shape[0])
         closure = _BatchLoss(run, loss_fn, batch,
                              scale=1.0 / max(run.expected_batch_size, 1.0),
                              limit=run.max_physical_batch_size)
-        if size:
+        if distributed.current() is not None:  # every rank steps, with rows or without
+            if size:
+                closure()
+            else:
+                optimizer.zero_grad(set_to_none=True)
+            if distributed.sum_gradients(run.model, size):
+                optimizer.step()
+        elif size:
             if isinstance(optimizer, torch.optim.LBFGS):
                 optimizer.step(closure)  # type: ignore[arg-type]
             else:
@@ -187,6 +208,13 @@ def _plain_epoch(run: TrainingRun, loss_fn: torch.nn.Module) -> float:
         run.count_step()
         total += closure.loss_sum
         count += size
+    return _mean_over_ranks(total, count)
+
+
+def _mean_over_ranks(total: float, count: int) -> float:
+    """The epoch's mean loss over the rows of every rank (of this one alone without a
+    process group)."""
+    total, count = distributed.sum_over_ranks(total, count)
     return total / max(count, 1)
 
 
@@ -208,6 +236,6 @@ class _BatchLoss:
         for start in range(0, int(self.batch["target"].shape[0]), self.limit):
             part = {name: t[start:start + self.limit] for name, t in self.batch.items()}
             losses = self.loss_fn(model(**family.inputs(part)), part["target"])
-            (losses.sum() * self.scale).backward()
+            (weighted_losses(losses, part).sum() * self.scale).backward()
             self.loss_sum += float(losses.detach().sum())
         return torch.tensor(self.loss_sum * self.scale)

@@ -33,6 +33,7 @@ from personanet.privacy import (
     epsilon_of_history,
     noise_for_epsilon,
 )
+from personanet.training import distributed
 
 if TYPE_CHECKING:
     import torch
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 
     from personanet.config import Config
     from personanet.models import ModelFamily
+    from personanet.training.augment import Augmentation
     from personanet.training.checkpoints import Checkpoint
 
 logger = logging.getLogger("personanet")
@@ -78,6 +80,8 @@ class TrainingRun:
     target_epsilon: float | None = None
     #: the batch sampler's generator of a non-private run (checkpointed: it is public)
     sampling: torch.Generator | None = None
+    #: augmentation of each batch (`personanet.training.augment`), None when off
+    augment: Augmentation | None = None
     steps: int = 0
     on_step: list[Callable[[], None]] = field(default_factory=list)
 
@@ -120,9 +124,18 @@ class TrainingRun:
 def make_plain(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
                config: Config, *, family: ModelFamily) -> TrainingRun:
     """A run without DP on the same Poisson batches as a private one."""
+    import torch
     from opacus.data_loader import DPDataLoader
 
-    poisson = DPDataLoader.from_data_loader(loader, generator=loader.generator)
+    world = distributed.current()
+    if world is not None and isinstance(optimizer, torch.optim.LBFGS):
+        raise ConfigError("train.optimizer = \"lbfgs\" trains in one process only (its line "
+                          "search evaluates the loss many times a step); use adam or sgd")
+    if world is not None:  # each rank its own public draws over its own shard
+        loader.generator.manual_seed(config.train.seed + world.rank)
+    poisson = DPDataLoader.from_data_loader(loader, generator=loader.generator,
+                                            distributed=world is not None)
+    distributed.keep_empty_batches(poisson)
     return TrainingRun(private=False, model=model, family=family, optimizer=optimizer,
                        loader=poisson, epochs=config.train.epochs,
                        steps_per_epoch=len(poisson), sample_rate=poisson.sample_rate,
@@ -133,8 +146,13 @@ def make_plain(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader:
 
 def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
                  config: Config, *, family: ModelFamily, task: str, device: torch.device,
-                 checkpoint: Checkpoint | None) -> TrainingRun:
+                 checkpoint: Checkpoint | None, rows_per_unit: int = 1) -> TrainingRun:
     """Wrap optimizer and loader with Opacus; choose the clipping path and the accountant.
+
+    `rows_per_unit` > 1: `loader` is over people (`personanet.training.units`), each
+    person's gradient is clipped as one (book-keeping per person where every layer
+    allows it, else Opacus' hooks with per-person sums), and a physical batch holds
+    ``max_physical_batch_size // rows_per_unit`` people.
 
     Raises:
         ConfigError: (exit 78) the target epsilon is out of reach, or no accountant
@@ -145,9 +163,14 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loade
     from opacus import PrivacyEngine
 
     cfg = config.train
-    bookkeeping = (cfg.grad_sample_mode == "ghost" and cfg.bookkeeping
-                   and BookkeepingClipper.supports(model))
-    mode = "ghost-bookkeeping" if bookkeeping else cfg.grad_sample_mode
+    # Augmentation multiplicity averages per-example gradients before clipping, and only
+    # Opacus' hooks hold per-example gradients (training/augment.py).
+    averaged = cfg.augment is True and int(cfg.augment_multiplicity) > 1
+    bookkeeping = (cfg.grad_sample_mode == "ghost" and cfg.bookkeeping and not averaged
+                   and BookkeepingClipper.supports(model, per_unit=rows_per_unit > 1))
+    # Opacus' two-pass ghost clipping knows rows only: people go to its hooks instead.
+    mode = ("ghost-bookkeeping" if bookkeeping
+            else "hooks" if averaged or rows_per_unit > 1 else cfg.grad_sample_mode)
     noise = torch.Generator(device=device).manual_seed(secrets.randbits(63))
     if checkpoint is not None:
         accountants = [checkpoint.state["accountant"]]
@@ -158,8 +181,11 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loade
     sample_rate = 1 / len(loader)
     planned_steps = cfg.epochs * int(1 / sample_rate)
     failure: Exception | None = None
+    # In several processes: Opacus' DPDDP, so that its engine picks the distributed
+    # sampler (one shard per rank, the same q) and optimizer (noise once, on rank 0).
+    module = distributed.wrap_for_dp(model)
     for accountant in accountants:
-        common = dict(module=model, optimizer=optimizer, criterion=family.loss(task),
+        common = dict(module=module, optimizer=optimizer, criterion=family.loss(task),
                       data_loader=loader, max_grad_norm=cfg.max_grad_norm,
                       grad_sample_mode="ghost" if mode.startswith("ghost") else "hooks",
                       noise_generator=noise, wrap_model=False, poisson_sampling=True)
@@ -187,12 +213,15 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loade
             failure = exc
         else:
             hooks, dp_optimizer, dp_criterion, dp_loader = _unpack(prepared)
+            distributed.keep_empty_batches(dp_loader)
             run = TrainingRun(
                 private=True, model=model, family=family, optimizer=dp_optimizer,
                 loader=dp_loader, epochs=cfg.epochs, steps_per_epoch=len(dp_loader),
                 sample_rate=float(dp_loader.sample_rate),
-                expected_batch_size=float(dp_optimizer.expected_batch_size),
-                max_physical_batch_size=cfg.max_physical_batch_size,
+                # Opacus' figure is per rank: the run's is that of all ranks together
+                expected_batch_size=float(dp_optimizer.expected_batch_size)
+                * distributed.world_size(),
+                max_physical_batch_size=max(1, cfg.max_physical_batch_size // rows_per_unit),
                 grad_sample_mode=mode, accountant=accountant,
                 noise_multiplier=float(dp_optimizer.noise_multiplier), engine=engine,
                 dp_criterion=dp_criterion, hooks=hooks, delta=cfg.delta,
@@ -281,7 +310,7 @@ def clone_instead_of_deepcopy(optimizer: Any) -> None:
     same tensor for a fraction of that; the rest of the method is Opacus' own."""
     from opacus.optimizers import DPOptimizerFastGradientClipping
 
-    if type(optimizer) is not DPOptimizerFastGradientClipping:
+    if not isinstance(optimizer, DPOptimizerFastGradientClipping):  # distributed one too
         return
 
     def accumulate() -> None:
