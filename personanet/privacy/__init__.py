@@ -26,6 +26,7 @@ from personanet.privacy.accounting import (
     epsilon_of_history,
     noise_for_epsilon,
     prv_grid_points,
+    rdp_bound,
 )
 from personanet.privacy.clipping import BookkeepingClipper, UnsupportedLayerError
 from personanet.privacy.ledger import Ledger, budget_summary
@@ -34,5 +35,5 @@ from personanet.privacy.record import PrivacyRecord
 __all__ = [
     "ACCOUNTANTS", "PRV_MAX_POINTS", "AccountantError", "BookkeepingClipper", "Ledger",
     "PrivacyRecord", "UnsupportedLayerError", "budget_summary", "calibrate_noise",
-    "compute_epsilon", "epsilon_of_history", "noise_for_epsilon", "prv_grid_points",
+    "compute_epsilon", "epsilon_of_history", "noise_for_epsilon", "prv_grid_points", "rdp_bound",
 ]

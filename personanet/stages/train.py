@@ -42,6 +42,8 @@ from personanet.config import AUTO, Config
 from personanet.errors import BadInputError, ConfigError, InternalError
 from personanet.models import family_name_for, get_family, state_dict_for_saving
 from personanet.privacy import Ledger
+from personanet.privacy.calibration_table import TABLE_NAME as CALIBRATION_TABLE
+from personanet.privacy.calibration_table import calibration_table
 from personanet.privacy.record import NON_PRIVATE_NOTE, PrivacyRecord
 from personanet.stages.base import StageResult, require_key
 from personanet.stages.files import PRIVACY, TRAIN_TABLE
@@ -110,8 +112,12 @@ def train(config: Config, store: ArtifactStore, key: MasterKey, *,
     # One writer per artifact root for the whole stage: a second identical command waits
     # (then reuses the first one's artifact) instead of redoing the work, which for
     # train would charge the privacy budget twice.
+    # Noise calibrations are remembered under the root for later processes (public
+    # numbers, re-checked on use: personanet/privacy/calibration_table.py).
     with (store.lock() if world is None or world.main else contextlib.nullcontext(),
-          joined(world, device or config.train.device)):
+          joined(world, device or config.train.device),
+          calibration_table(store.root / CALIBRATION_TABLE,
+                            writable=world is None or world.main)):
         return _train_locked(config, store, key, input_version=input_version, force=force,
                               no_dp=no_dp, device=device, resume=resume, world=world)
 

@@ -121,7 +121,14 @@ def run_epochs(run: TrainingRun, loss_fn: torch.nn.Module, history: TrainHistory
             began = time.perf_counter()
             loss = _private_epoch(run, loss_fn) if run.private else _plain_epoch(run, loss_fn)
             history.train_seconds += time.perf_counter() - began
-            epsilon = run.epsilon()
+            # Between epochs RDP's bound (valid, looser, microseconds); after the last
+            # step the accountant's own figure, the one privacy.json and the ledger get.
+            # A bound past the target would read as an overspent run (RDP is looser than
+            # PRV near the end): then the accountant's figure, which stays below it.
+            bound = run.steps < run.planned_steps
+            epsilon = run.epsilon(bound=bound)
+            if bound and epsilon is not None and epsilon > float(run.target_epsilon):
+                bound, epsilon = False, run.epsilon()
             history.loss_curve.append(round(loss, 6))
             history.epsilon_curve.append(None if epsilon is None else round(epsilon, 6))
             history.epochs_done = epoch
@@ -131,8 +138,9 @@ def run_epochs(run: TrainingRun, loss_fn: torch.nn.Module, history: TrainHistory
                 logger.info("epoch %d/%d  loss %.4f  (no DP)", epoch, epochs, loss,
                             extra={"fields": fields})
             else:
-                logger.info("epoch %d/%d  loss %.4f  epsilon %.3f of %.3g (delta %.2g)", epoch,
-                            epochs, loss, epsilon, run.target_epsilon, run.delta,
+                logger.info("epoch %d/%d  loss %.4f  epsilon %s%.3f of %.3g (delta %.2g%s)",
+                            epoch, epochs, loss, "<= " if bound else "", epsilon,
+                            run.target_epsilon, run.delta, ", RDP bound" if bound else "",
                             extra={"fields": fields})
             save(epoch)
         run.on_step.pop()

@@ -32,6 +32,7 @@ from personanet.privacy import (
     compute_epsilon,
     epsilon_of_history,
     noise_for_epsilon,
+    rdp_bound,
 )
 from personanet.training import distributed
 
@@ -96,16 +97,20 @@ class TrainingRun:
             return []
         return list(self.engine.accountant.history)
 
-    def epsilon(self, *, final: bool = False) -> float | None:
+    def epsilon(self, *, final: bool = False, bound: bool = False) -> float | None:
         """Epsilon spent so far (None without DP).
 
         The final figure is the run's accountant's, which already succeeded on the
         full plan. Should PRV fail on a shorter prefix, progress shows RDP's bound
-        for it instead (valid, looser) rather than stopping a run mid-way.
+        for it instead (valid, looser) rather than stopping a run mid-way. With
+        `bound` (progress between epochs), RDP's bound outright: microseconds where a
+        PRV evaluation takes 40 ms at 32k rows and 0.2 s at 1M.
         """
         if not self.private:
             return None
         history = self.accountant_history
+        if bound and not final:
+            return rdp_bound(history=history, delta=float(self.delta))
         try:
             return epsilon_of_history(accountant=str(self.accountant), history=history,
                                       delta=float(self.delta))
