@@ -47,12 +47,17 @@ def main() -> int:
     parser.add_argument("--space", choices=("default", "wide"), default="default")
     parser.add_argument("--epsilon", type=float, default=2.0)
     parser.add_argument("--trials-mean", type=float, default=None,
-                        help="tune.trials_mean (default: [tune]'s, 3)")
+                        help="tune.trials_mean (default: [tune]'s, 2)")
     parser.add_argument("--learning-rate", default=None,
                         help="tune.learning_rate as LOW,HIGH, drawn log-uniformly "
-                             "(default: [tune]'s, 0.005,0.05)")
+                             "(default: [tune]'s, 0.005,0.05), or \"auto\": [train]'s "
+                             "own rate only (the defaults at the search's noise)")
     parser.add_argument("--validation-fraction", type=float, default=None,
-                        help="tune.validation_fraction (default: [tune]'s, 0.2)")
+                        help="tune.validation_fraction (default: [tune]'s, 0: score on everyone)")
+    parser.add_argument("--trials-shape", type=float, default=None,
+                        help="tune.trials_shape (default: [tune]'s, 0: logarithmic)")
+    parser.add_argument("--score-noise", type=float, default=None,
+                        help="tune.score_noise_multiplier (default: [tune]'s, 20)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -142,7 +147,13 @@ def _tune_options(args: argparse.Namespace) -> dict[str, Any]:
         options["trials_mean"] = args.trials_mean
     if args.validation_fraction is not None:
         options["validation_fraction"] = args.validation_fraction
-    if args.learning_rate is not None:
+    if args.trials_shape is not None:
+        options["trials_shape"] = args.trials_shape
+    if args.score_noise is not None:
+        options["score_noise_multiplier"] = args.score_noise
+    if args.learning_rate == "auto":  # the defaults' own rate: no search, the cost alone
+        options.update(learning_rate=["auto"], learning_rate_log_uniform=False)
+    elif args.learning_rate is not None:
         options["learning_rate"] = [float(v) for v in args.learning_rate.split(",")]
     return options
 
@@ -178,7 +189,8 @@ def _run(adult: Any, version: str, *, kind: str, seed: int, epsilon: float, spac
 def print_table(rows: list[dict[str, Any]], *, epsilon: float, space: str) -> None:
     print(f"\ntotal epsilon {epsilon:g} (tuning included), delta 1e-5; [tune] space: {space}; "
           "UCI test split, mean over seeds (per seed in brackets)")
-    print(f"{'rows':>6s} {'setting':9s} {'accuracy':>9s} {'balanced':>9s}  per-seed accuracy")
+    print(f"{'rows':>6s} {'setting':9s} {'accuracy':>9s} {'min-max':>13s} {'balanced':>9s}  "
+          "per-seed accuracy")
     for n in dict.fromkeys(r["rows"] for r in rows):
         means: dict[str, float] = {}
         for kind in ("defaults", "tuned"):
@@ -187,8 +199,10 @@ def print_table(rows: list[dict[str, Any]], *, epsilon: float, space: str) -> No
             bal = statistics.fmean(r["balanced_accuracy"] for r in cell)
             means[kind] = acc
             seeds = ", ".join(f"{r['accuracy']:.4f}" for r in cell)
-            print(f"{n:6d} {kind:9s} {acc:9.4f} {bal:9.4f}  [{seeds}]")
-        print(f"{n:6d} {'tuned - defaults':>19s} {means['tuned'] - means['defaults']:+.4f}")
+            low, high = (f(r["accuracy"] for r in cell) for f in (min, max))
+            print(f"{n:6d} {kind:9s} {acc:9.4f} {low:.4f}-{high:.4f} {bal:9.4f}  [{seeds}]")
+        print(f"{n:6d} {'tuned - defaults':>19s} {means['tuned'] - means['defaults']:+.4f} "
+              f"({len(cell)} seeds)")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ bundled sample, one or two epochs a trial. The charge is checked against dp-acco
 own `RepeatAndSelectDpEvent` figure, recomputed here from what the ledger records.
 Mutations seen caught: every trial given the reference's noise whatever its batch and
 epochs; a stopped search always released; tune reading the test table; the chain's
-`tune.use_in_chain` hook removed.
+`tune.use_in_chain` hook removed; a score counted on the trials' own people left out of
+their cost (`selection.trial_event` ignoring `score_noise`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from dp_accounting.rdp.rdp_privacy_accountant import DEFAULT_RDP_ORDERS
 
 from personanet.cleaning.values import UNIT
 from personanet.config import Config, load_config
-from personanet.errors import BudgetExhaustedError
+from personanet.errors import BudgetExhaustedError, ConfigError
 from personanet.privacy import selection
 from personanet.privacy.ledger import Ledger, budget_summary
 from personanet.stages import tune_trials
@@ -118,6 +119,10 @@ def dp_accounting_figure(entry: dict) -> float:
     trial = dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
         search["sample_rate"], dp_accounting.GaussianDpEvent(search["noise_multiplier"])),
         search["steps"])
+    if search.get("score", "").startswith("composed"):
+        # scored on its own training people: the count's Gaussian is part of each trial
+        trial = dp_accounting.ComposedDpEvent(
+            [trial, dp_accounting.GaussianDpEvent(search["score_noise_multiplier"])])
     accountant = RdpAccountant([o for o in DEFAULT_RDP_ORDERS if o < search["max_order"]])
     accountant.compose(RepeatAndSelectDpEvent(trial, trials["mean"], shape))
     return accountant.get_epsilon(search["delta"])
@@ -163,6 +168,46 @@ def test_plan_meets_the_target_by_dp_accounting(distribution: str, shape: float)
     less = selection.search_epsilon(noise_multiplier=plan.noise_multiplier * 0.995,
                                     sample_rate=1 / 32, steps=320, trials=trials, delta=1e-5)
     assert less > 1.5
+
+
+def test_a_score_counted_on_the_training_people_is_charged_with_every_trial() -> None:
+    trials = selection.Trials.of("truncated_negative_binomial", mean=2.0)
+    plan = selection.plan_search(target_epsilon=2.0, delta=1e-5, sample_rate=1 / 32,
+                                 steps=480, trials=trials, composed_score_noise=10.0)
+    assert plan.score_composed and plan.score_noise_multiplier == 10.0
+    assert plan.epsilon == pytest.approx(dp_accounting_figure({"search": plan.to_json()}),
+                                         rel=1e-9)
+    assert 2.0 * (1 - 1e-3) <= plan.epsilon <= 2.0
+    # the score costs something: without it the same noise would be cheaper, and a search
+    # scored on other people affords less noise at the same sample rate and steps
+    free = {"search": {**plan.to_json(), "score": "parallel"}}
+    assert dp_accounting_figure(free) < plan.epsilon * 0.99
+    parallel = selection.plan_search(target_epsilon=2.0, delta=1e-5, sample_rate=1 / 32,
+                                     steps=480, trials=trials)
+    assert parallel.noise_multiplier < plan.noise_multiplier
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.25])
+def test_trials_train_on_everyone_or_leave_the_validation_people_out(tmp_path: Path,
+                                                                     fraction: float) -> None:
+    s = Setup(tmp_path, overrides=TUNE.replace(
+        "trials_mean = 2.0", f"trials_mean = 2.0\nvalidation_fraction = {fraction}\n"
+        "score_noise_multiplier = 8.0"))
+    result = s.tune()
+    [entry] = s.entries()
+    assert entry["epsilon"] == pytest.approx(dp_accounting_figure(entry), rel=1e-9)
+    assert 2.0 * (1 - 1e-3) <= entry["epsilon"] <= 2.0
+    if fraction == 0:  # scored on the trial's own people: the count is charged, z as set
+        assert entry["search"]["score"].startswith("composed")
+        assert entry["search"]["score_noise_multiplier"] == 8.0
+        assert (result.figures["train_rows"], result.figures["validation_rows"]) == (
+            s.train.height, 0)
+    else:  # scored on held-out people: free, z from the reference
+        assert entry["search"]["score"].startswith("parallel")
+        assert entry["search"]["score_noise_multiplier"] != 8.0
+        assert 0 < result.figures["validation_rows"] < s.train.height * 0.4
+        assert result.figures["train_rows"] + result.figures["validation_rows"] == (
+            s.train.height)
 
 
 @pytest.mark.parametrize("sample_rate,steps", [(1 / 64, 640), (1 / 16, 160), (1 / 32, 480),
@@ -276,6 +321,16 @@ def test_validation_people_are_chosen_by_person_and_kept_apart() -> None:
     assert 0.17 < held.mean() < 0.23
     again = tune_trials.validation_mask(units.reverse(), 0.2)[::-1]
     assert (held == again).all()  # a function of the person alone, not of the others
+
+
+@pytest.mark.parametrize("override", ["tune.validation_fraction=-0.1",
+                                      "tune.validation_fraction=1.0",
+                                      "tune.score_noise_multiplier=0"])
+def test_bad_score_settings_are_config_errors(tmp_path: Path, override: str) -> None:
+    path = write_config(tmp_path / "persona.toml", SAMPLE, overrides=TUNE)
+    assert load_config(path, ["tune.validation_fraction=0"]).tune.validation_fraction == 0
+    with pytest.raises(ConfigError, match="tune\\."):
+        load_config(path, [override])
 
 
 # ----------------------------------------------------------------------- the output

@@ -274,12 +274,15 @@ class TuneConfig:
     #: (at least one trial) or "poisson" (draws none with probability exp(-trials_mean))
     trials: Literal["truncated_negative_binomial", "poisson"] = "truncated_negative_binomial"
     #: E[K], the expected number of trials; the search costs more as it grows (slowly)
-    trials_mean: float = 3.0
+    trials_mean: float = 2.0
     #: the truncated negative binomial's shape eta >= 0: 0 logarithmic, 1 geometric
     trials_shape: float = 0.0
     #: share of the training people held out to score the trials, by a hash of the person
-    #: (the test split is never read)
-    validation_fraction: float = 0.2
+    #: (the test split is never read); 0: every trial trains on all of them and is scored
+    #: on them, its score's Gaussian (`score_noise_multiplier`) charged with it
+    validation_fraction: float = 0.0
+    #: with validation_fraction = 0: the score count's noise multiplier, per person
+    score_noise_multiplier: float = 20.0
     #: search space: values to draw from, or with learning_rate_log_uniform [low, high]
     learning_rate: list[float | Auto] = field(default_factory=lambda: [0.005, 0.05])
     #: draw the learning rate log-uniformly between the two values of `learning_rate`

@@ -358,8 +358,10 @@ def _check_tune(config: Config) -> None:
                           "trials)")
     if tune.trials_shape < 0:
         raise ConfigError("tune.trials_shape must be >= 0 (0: logarithmic, 1: geometric)")
-    if not 0.0 < tune.validation_fraction < 1.0:
-        raise ConfigError("tune.validation_fraction must be between 0 and 1 (exclusive)")
+    if not 0.0 <= tune.validation_fraction < 1.0:
+        raise ConfigError("tune.validation_fraction must be in [0, 1) (0: score the trials "
+                          "on their own training people)")
+    _positive(tune.score_noise_multiplier, "tune.score_noise_multiplier")
     space = {"learning_rate": tune.learning_rate, "batch_size": tune.batch_size,
              "epochs": tune.epochs, "hidden_sizes": tune.hidden_sizes,
              "max_grad_norm": tune.max_grad_norm, "activation": tune.activation,

@@ -25,7 +25,11 @@ The search, precisely (docs/training.md, "Tuning", has the argument in full):
   person changes either the training part or the validation part, never both, so a
   trial's RDP is the larger of the two mechanisms' (parallel composition), and that
   noise is the least whose Gaussian RDP stays under the reference's at every order:
-  the score adds nothing to the cost.
+  the score adds nothing to the cost;
+- or (`plan_search(composed_score_noise=z)`) a trial's score counts the people it
+  trained on, with noise z: the Gaussian then composes with the training, and every
+  trial, the reference included, is charged ``DP-SGD + Gaussian(z)``; each trial pays
+  for the score, but no person is held out of training.
 """
 
 from __future__ import annotations
@@ -123,34 +127,42 @@ class Trials:
 # --------------------------------------------------------------------- events
 
 
-def trial_event(*, noise_multiplier: float, sample_rate: float, steps: int) -> Any:
-    """dp-accounting's event of one DP-SGD trial: `steps` Poisson-sampled Gaussians."""
+def trial_event(*, noise_multiplier: float, sample_rate: float, steps: int,
+                score_noise: float | None = None) -> Any:
+    """dp-accounting's event of one DP-SGD trial: `steps` Poisson-sampled Gaussians, then,
+    with `score_noise`, its score counted on the same people (a Gaussian of that noise
+    multiplier, composed after the training: sequential composition)."""
     import dp_accounting
 
-    return dp_accounting.SelfComposedDpEvent(
+    sgd = dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(
             sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)), int(steps))
+    if score_noise is None:
+        return sgd
+    return dp_accounting.ComposedDpEvent([sgd, dp_accounting.GaussianDpEvent(score_noise)])
 
 
 def search_event(*, noise_multiplier: float, sample_rate: float, steps: int,
-                 trials: Trials) -> Any:
+                 trials: Trials, score_noise: float | None = None) -> Any:
     """The whole search: the reference trial repeated K ~ `trials` times, the best kept."""
     from dp_accounting.dp_event import RepeatAndSelectDpEvent
 
     return RepeatAndSelectDpEvent(
-        trial_event(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps),
+        trial_event(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps,
+                    score_noise=score_noise),
         trials.mean, trials.shape)
 
 
 def search_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int,
-                   trials: Trials, delta: float) -> float:
+                   trials: Trials, delta: float, score_noise: float | None = None) -> float:
     """Epsilon at `delta` of the search, by dp-accounting's RDP accountant at `orders()`."""
     from dp_accounting.rdp import RdpAccountant
 
     accountant = RdpAccountant(orders())
     with _quiet_absl():
         accountant.compose(search_event(noise_multiplier=noise_multiplier,
-                                        sample_rate=sample_rate, steps=steps, trials=trials))
+                                        sample_rate=sample_rate, steps=steps, trials=trials,
+                                        score_noise=score_noise))
         return float(accountant.get_epsilon(delta))
 
 
@@ -191,7 +203,10 @@ class SearchPlan:
             `RepeatAndSelectDpEvent` of the reference trial): the ledger's charge.
         target_epsilon: ``tune.epsilon``; `epsilon` is at most this.
         noise_multiplier, sample_rate, steps: the reference trial.
-        score_noise_multiplier: the validation count's Gaussian noise, in persons.
+        score_noise_multiplier: the score count's Gaussian noise, in persons.
+        score_composed: the score counts the trial's own training people, its Gaussian
+            composed into each trial's cost (`validation_fraction = 0`); otherwise it
+            counts validation people and is covered for free (parallel composition).
     """
 
     epsilon: float
@@ -202,6 +217,7 @@ class SearchPlan:
     sample_rate: float
     steps: int
     score_noise_multiplier: float
+    score_composed: bool = False
 
     def reference_rdp(self) -> np.ndarray:
         return trial_rdp(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate,
@@ -213,20 +229,28 @@ class SearchPlan:
                 "trials": self.trials.to_json(), "noise_multiplier": self.noise_multiplier,
                 "sample_rate": self.sample_rate, "steps": self.steps,
                 "score_noise_multiplier": self.score_noise_multiplier,
+                "score": ("composed: counted on each trial's training people"
+                          if self.score_composed else "parallel: counted on validation people"),
                 "accountant": "dp-accounting rdp", "max_order": MAX_ORDER}
 
 
 def plan_search(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,
-                trials: Trials) -> SearchPlan:
+                trials: Trials, composed_score_noise: float | None = None) -> SearchPlan:
     """The least reference noise (to 1e-4 relative) at which the search costs at most
     `target_epsilon`, and the score noise it covers.
+
+    Args:
+        composed_score_noise: None: each trial is scored on validation people, with the
+            noise the reference covers (`score_noise`). A number: each trial is scored
+            on its own training people with this noise multiplier, and that Gaussian is
+            composed into every trial's cost (the reference's included).
 
     Raises:
         ValueError: no noise within reach makes the search cost so little.
     """
     def cost(sigma: float) -> float:
         return search_epsilon(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps,
-                              trials=trials, delta=delta)
+                              trials=trials, delta=delta, score_noise=composed_score_noise)
 
     low, high = _SIGMA_RANGE
     if cost(high) > target_epsilon:
@@ -239,16 +263,22 @@ def plan_search(*, target_epsilon: float, delta: float, sample_rate: float, step
             high = middle
         else:
             low = middle
-    reference = trial_rdp(noise_multiplier=high, sample_rate=sample_rate, steps=steps)
+    if composed_score_noise is None:
+        reference = trial_rdp(noise_multiplier=high, sample_rate=sample_rate, steps=steps)
+        z, composed = score_noise(reference), False
+    else:
+        z, composed = float(composed_score_noise), True
     return SearchPlan(epsilon=cost(high), delta=delta, target_epsilon=target_epsilon,
                       trials=trials, noise_multiplier=high, sample_rate=sample_rate,
-                      steps=int(steps), score_noise_multiplier=score_noise(reference))
+                      steps=int(steps), score_noise_multiplier=z, score_composed=composed)
 
 
 def trial_noise(plan: SearchPlan, *, sample_rate: float, steps: int) -> float:
     """The least noise (to 1e-4 relative, rounded up) for a trial of (`sample_rate`,
     `steps`) whose RDP is at most the reference's at every order: the search's bound
-    then holds for it. The reference's own settings get the reference's noise."""
+    then holds for it. The reference's own settings get the reference's noise. A score
+    composed into each trial (`SearchPlan.score_composed`) is the same Gaussian in every
+    trial, so dominating the DP-SGD part dominates the whole trial."""
     if abs(sample_rate - plan.sample_rate) <= 1e-12 and int(steps) == plan.steps:
         return plan.noise_multiplier
     reference = plan.reference_rdp()

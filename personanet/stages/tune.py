@@ -2,11 +2,13 @@
 
 Read top to bottom, `tune` does:
 
-    load the clean training people (never the test split) -> hold out validation people
-    by a hash of the person -> plan the search: its charge and the reference trial's
-    noise (`personanet.privacy.selection`) -> reserve that charge in the ledger -> draw
-    K trials (Papernot & Steinke's random K) -> run each (`stages.tune_trials`), keep
-    the best noisy validation score -> save the winner as a model -> settle the charge
+    load the clean training people (never the test split) -> with
+    ``tune.validation_fraction > 0``, hold out validation people by a hash of the person
+    (at 0, the default, trials train and are scored on everyone) -> plan the search:
+    its charge and the reference trial's noise (`personanet.privacy.selection`) ->
+    reserve that charge in the ledger -> draw K trials (Papernot & Steinke's random K)
+    -> run each (`stages.tune_trials`), keep the best noisy score -> save the winner as
+    a model -> settle the charge
 
 The whole search is one ledger entry (``mechanism: "repeat-and-select"``), composed
 with the dataset's other runs by addition; it is reserved before the first trial and
@@ -98,7 +100,7 @@ def _tune_locked(config: Config, store: ArtifactStore, key: MasterKey, *,
     # -- the training people, split into the trials' training and validation people
     started = time.perf_counter()
     fit, validation = _split(_read_training_frame(clean, key, config), config)
-    check_delta(tune_cfg.delta, rows=fit.height + validation.height)
+    check_delta(tune_cfg.delta, rows=fit.height + (0 if fit is validation else validation.height))
 
     # -- the plan: the reference trial ([train]'s settings, "auto" resolved) and the charge
     reference, _ = trial_config(config, {}, rows=fit.height)
@@ -107,8 +109,11 @@ def _tune_locked(config: Config, store: ArtifactStore, key: MasterKey, *,
     trials = selection.Trials.of(tune_cfg.trials, mean=tune_cfg.trials_mean,
                                  shape=tune_cfg.trials_shape)
     try:
-        plan = selection.plan_search(target_epsilon=tune_cfg.epsilon, delta=tune_cfg.delta,
-                                     sample_rate=sample_rate, steps=steps, trials=trials)
+        plan = selection.plan_search(
+            target_epsilon=tune_cfg.epsilon, delta=tune_cfg.delta, sample_rate=sample_rate,
+            steps=steps, trials=trials,
+            composed_score_noise=(tune_cfg.score_noise_multiplier
+                                  if tune_cfg.validation_fraction == 0 else None))
     except ValueError as exc:
         raise ConfigError(f"tune.epsilon = {tune_cfg.epsilon:g} cannot be reached: {exc}; "
                           "raise tune.epsilon or lower tune.trials_mean") from None
@@ -151,7 +156,7 @@ def _tune_locked(config: Config, store: ArtifactStore, key: MasterKey, *,
             "there is no model; tune.trials = \"truncated_negative_binomial\" always runs one")
     artifact = _commit(config, store, key, clean, fp=fp, run_id=run_id, plan=plan,
                        best=best, report=report, wall=wall, fit_rows=fit.height,
-                       validation_rows=validation.height)
+                       validation_rows=0 if plan.score_composed else validation.height)
     ledger.settle(run_id, epsilon=plan.epsilon, delta=plan.delta, version=artifact.version)
     logger.info("tune: kept the best trial (DP validation score %.4f); the search spent "
                 "epsilon %.4g", best.score, plan.epsilon)
@@ -204,7 +209,9 @@ def _with_train(config: Config, train: Any) -> Config:
 
 
 def _split(frame: pl.DataFrame, config: Config) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(the trials' training people, the validation people), by a hash of the person."""
+    """(the trials' training people, the validation people), by a hash of the person;
+    with ``validation_fraction = 0``, all of them twice (each trial's score is then
+    charged with it, `selection.plan_search`)."""
     import polars as pl
 
     from personanet.cleaning.values import UNIT
@@ -214,6 +221,8 @@ def _split(frame: pl.DataFrame, config: Config) -> tuple[pl.DataFrame, pl.DataFr
     unit = UNIT if UNIT in frame.columns else config.dataset.privacy_unit
     if unit not in frame.columns:
         raise BadInputError(f"the clean training rows have no privacy unit column {unit!r}")
+    if config.tune.validation_fraction == 0:
+        return frame, frame
     held = pl.Series(validation_mask(frame[unit], config.tune.validation_fraction))
     fit, validation = frame.filter(~held), frame.filter(held)
     if fit.height < 2 or validation.height < 1:
@@ -296,14 +305,18 @@ def _commit(config: Config, store: ArtifactStore, key: MasterKey, clean: Artifac
 def _why(plan: selection.SearchPlan) -> str:
     """The charge in one paragraph, for the report."""
     trials = plan.trials
+    score = (f"score (noise {plan.score_noise_multiplier:.4g} per person, counted on its own "
+             "training people) is composed into that trial's cost."
+             if plan.score_composed else
+             f"validation score (noise {plan.score_noise_multiplier:.4g} per person, on other "
+             "people) is covered by the same bound.")
     kind = ("Poisson" if trials.distribution == "poisson"
             else f"truncated negative binomial (shape {trials.shape:g})")
     return (f"A random number of trials K ({kind}, mean {trials.mean:g}) was run and only the "
             f"best released. Each trial's RDP is at most that of DP-SGD at noise "
             f"{plan.noise_multiplier:.4g}, sample rate {plan.sample_rate:.4g}, {plan.steps} "
             f"steps (its noise was raised where its batch or epochs differ), and its "
-            f"validation score (noise {plan.score_noise_multiplier:.4g} per person) is "
-            f"covered by the same bound. Papernot & Steinke's repeat-and-select bound "
+            f"{score} Papernot & Steinke's repeat-and-select bound "
             f"(dp-accounting's RepeatAndSelectDpEvent, RDP orders below "
             f"{selection.MAX_ORDER}) gives epsilon {plan.epsilon:.4g} at delta "
             f"{plan.delta:g} for the whole search, whatever K turned out to be.")
