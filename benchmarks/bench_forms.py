@@ -18,7 +18,7 @@ Usage (one thread: the machine is shared):
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_forms.py --only accuracy --epochs 30 \
         --runs 3 --presets tanh
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_forms.py --only accuracy --epochs 30 \
-        --runs 1 --presets seed --lr 0.003
+        --runs 3 --presets seed --lr 0.003
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_forms.py --only timing
 """
 
@@ -107,8 +107,13 @@ def accuracy_table(data: dict[str, Any], *, presets: list[str], epsilons: list[f
           f"{'s/epoch':>8} mode")
     for preset in presets:
         for epsilon in epsilons:
-            results = [train_once(data, preset=preset, epsilon=epsilon, epochs=epochs,
-                                  seed=seed, extra=extra) for seed in range(runs)]
+            results = []
+            for seed in range(runs):
+                results.append(train_once(data, preset=preset, epsilon=epsilon, epochs=epochs,
+                                          seed=seed, extra=extra))
+                # one line per run, so that a run cut short still leaves its finished runs
+                print(f"  run seed={seed}: accuracy {results[-1]['accuracy']:.3f}, "
+                      f"{results[-1]['epoch_seconds']:.2f} s/epoch", flush=True)
             acc = [r["accuracy"] for r in results]
             ref = REFERENCE.get(epsilon or 0.0)
             print(f"{preset:8} {'no DP' if epsilon is None else f'{epsilon:g}':>8} "

@@ -11,7 +11,8 @@ The target is the tabular encoder's (a class index from the config's categories,
 when null or outside them); a categorical target only, since the CNN classifies.
 
 One image column is the network's input; other feature columns beside it are not used
-by the CNN (`from_config` logs a warning naming them). The batch key is ``"image"``.
+by the CNN (`from_config` names them: a warning, or a notice for sensitive ones,
+which evaluate's per-group figures use). The batch key is ``"image"``.
 Saved as ``encoder.json`` beside the model; `from_json` rebuilds it for evaluate,
 predict and serve, so they apply exactly the transform the model was trained with.
 """
@@ -73,11 +74,21 @@ class ImageBatch:
 
 
 @functools.lru_cache(maxsize=16)
-def _warn_unused(image: str, others: tuple[str, ...]) -> None:
-    """Once per process and columns: train builds the encoder more than once."""
-    logger.warning("the cnn model reads only the image column %r; feature column(s) %s are "
-                   "not used by it (evaluate still reports per group of the sensitive ones)",
-                   image, ", ".join(others))
+def _warn_unused(image: str, others: tuple[str, ...], sensitive: tuple[str, ...]) -> None:
+    """Once per process and columns: train builds the encoder more than once.
+
+    A sensitive column beside an image is what evaluate's per-group figures need (the
+    bundled forms' age and gender): said plainly, not warned of. Any other feature the
+    cnn leaves unread is likely a column its author expected it to use: a warning.
+    """
+    if others:
+        logger.warning("the cnn model reads only the image column %r: feature column(s) %s "
+                       "are not used (set role = \"ignore\" on them to silence this)",
+                       image, ", ".join(others))
+    if sensitive:
+        logger.info("the cnn model reads the image column %r only; sensitive column(s) %s "
+                    "are not inputs, evaluate reports accuracy per group of them",
+                    image, ", ".join(sensitive))
 
 
 class ImageEncoder:
@@ -107,9 +118,10 @@ class ImageEncoder:
         if len(images) != 1:
             raise ConfigError(f"the cnn model takes exactly one image feature column; the "
                               f"config has {len(images)}: set role = \"ignore\" on the others")
-        others = tuple(c.name for c in config.features() if c.kind != "image")
-        if others:
-            _warn_unused(images[0].name, others)
+        unread = [c for c in config.features() if c.kind != "image"]
+        if unread:
+            _warn_unused(images[0].name, tuple(c.name for c in unread if not c.sensitive),
+                         tuple(c.name for c in unread if c.sensitive))
         shape = getattr(images[0], "shape", None)
         if shape is None:
             raise ConfigError(f"columns.{images[0].name} needs shape = [height, width, "

@@ -50,3 +50,19 @@ def class_metrics(y_true: ArrayLike, proba: ArrayLike, classes: list[str], *,
             "confusion_matrix": {"labels": [classes[i] for i in shown],
                                  "predicted": list(classes),
                                  "counts": counts[shown].tolist(), "suppressed": suppressed}}
+
+
+def markdown_per_class(entry: dict[str, Any] | None) -> list[str]:
+    """report.md's "Classes" section: one row per true class (size, accuracy, precision),
+    the suppressed ones shown by their "fewer than" size only; nothing for a binary model."""
+    if not entry or not entry.get("per_class"):
+        return []
+    lines = ["## Classes", "",
+             "Per true class: its accuracy (the share of its test people predicted as it) and "
+             "the precision of predicting it; the confusion matrix is among the figures.", "",
+             "| Class | n | Accuracy | Precision |", "|---|---:|---:|---:|"]
+    for label, figures in entry["per_class"].items():
+        cells = ["n/a" if figures.get(key) is None else f"{figures[key]:.3f}"
+                 for key in ("accuracy", "precision")]
+        lines.append(f"| {label} | {figures.get('n')} | {cells[0]} | {cells[1]} |")
+    return [*lines, ""]

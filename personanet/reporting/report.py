@@ -196,6 +196,9 @@ def render_markdown(metrics: Mapping[str, Any], *, figures: Sequence[str] = ()) 
         title += f" (target `{model['target']}`)"
     lines = [title, "", "## Privacy", "", privacy_sentence(model), ""]
     lines += _markdown_metrics(metrics, task)
+    from personanet.reporting.classes import markdown_per_class
+
+    lines += markdown_per_class(metrics.get("per_class"))
     lines += _markdown_groups(metrics.get("groups") or {}, task)
     lines += _markdown_audit(metrics.get("audit"))
     lines += _markdown_gates(metrics.get("gates") or [])

@@ -6,10 +6,19 @@ clean's per-row rules (`personanet.cleaning.rows.prepare_rows`), identifiers as
 pseudonyms, the family's forward (`personanet.models.predict_frame`). Which model
 to serve is `select_model`'s business: the config chain's model that passed
 evaluate's gates, or a named version; a non-private one only when allowed.
+
+An image column's value in a record is the image file itself (PNG, JPEG or NPY) as
+base64 text (RFC 4648; a `data:` URL prefix is allowed), whatever the column's
+`image_source`: the server never opens a path a request names. The bytes are decoded
+by clean's image rules (`personanet.cleaning.images`: shape, resize policy, 8-bit,
+mode, constant image, the decompression-bomb bound), so text that is not base64 is
+`undecodable_image` and a 27x28 digit `wrong_size`, named by column, never echoed.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +26,7 @@ from typing import Any
 from personanet.config import Config
 from personanet.errors import GateFailedError, InputMissingError
 from personanet.privacy.record import PrivacyRecord
+from personanet.sources.images import UNDECODABLE_IMAGE, status_column
 from personanet.stages.base import check_plain_files, require_key
 from personanet.stages.files import METRICS, PRIVACY
 from personanet.stages.lineage import resolve_chain
@@ -131,6 +141,7 @@ class Scorer:
         self.model.eval()
         self._pseudonym_key = pseudonym_key(key)
         self._identifiers = [c.name for c in config.identifiers()]
+        self._images = [name for name, c in config.columns.items() if c.kind == "image"]
 
     def score(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """predict's output rows for `records` (row, pseudonymous identifiers, prediction,
@@ -142,8 +153,15 @@ class Scorer:
         from personanet.errors import BadInputError
         from personanet.models import predict_frame
 
-        frame = pl.DataFrame(self._text_columns(records),
-                             schema=dict.fromkeys(self.config.columns, pl.String))
+        texts = self._text_columns(records)
+        schema = {name: pl.Binary if name in self._images else pl.String
+                  for name in self.config.columns}
+        images: dict[str, list[bytes | None]] = {}
+        for name in self._images:
+            # As collect reads a manifest: the bytes, and beside them why there are none.
+            images[name], texts[status_column(name)] = _image_bytes(texts.pop(name))
+            schema[status_column(name)] = pl.String
+        frame = pl.DataFrame({**texts, **images}, schema=schema)
         try:
             prepared = prepare_rows(frame, self.config, self._pseudonym_key,
                                     require_target=False)
@@ -197,3 +215,21 @@ def _as_text(value: str | int | float | bool | None) -> str | None:
     if isinstance(value, bool):
         return "true" if value else "false"
     return repr(value) if isinstance(value, float) else str(value)
+
+
+def _image_bytes(texts: list[str | None]) -> tuple[list[bytes | None], list[str | None]]:
+    """Each image's file bytes from its base64 text, and `undecodable_image` where the text
+    is not base64 (null, empty: a missing image, which clean's rules name as such)."""
+    data: list[bytes | None] = []
+    status: list[str | None] = []
+    for text in texts:
+        text = (text or "").strip()
+        if text.startswith("data:") and "," in text:
+            text = text.split(",", 1)[1]
+        try:
+            data.append(base64.b64decode(text, validate=True) if text else None)
+            status.append(None)
+        except (binascii.Error, ValueError):
+            data.append(None)
+            status.append(UNDECODABLE_IMAGE)
+    return data, status
