@@ -77,7 +77,9 @@ class ColumnRule:
         import polars as pl
 
         self.flags.append((self.col.name, "missing"))
-        missing = normalized_text(pl.col(self.col.name), self.col.case).is_null()
+        # Case folding never makes a non-blank value blank: blankness needs no fold
+        # (it cost a lowercase pass over every email).
+        missing = normalized_text(pl.col(self.col.name), "none").is_null()
         return [[missing.alias(self.t("missing"))], [], [], []]
 
     def _image(self) -> list[list[pl.Expr]]:

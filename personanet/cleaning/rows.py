@@ -232,10 +232,8 @@ class RowTransform:
         outputs: list[str] = []
         if self.unit is not None:
             blank = work_column("blank", self.unit)
-            stages[0].append(
-                normalized_text(pl.col(self.unit), self._unit_case()).is_null()
-                .alias(blank)
-            )
+            # Case folding never makes a non-blank value blank: no fold needed here.
+            stages[0].append(normalized_text(pl.col(self.unit), "none").is_null().alias(blank))
             reasons.append((self.unit, pl.when(pl.col(blank))
                             .then(pl.lit(MISSING_PRIVACY_UNIT))))
         categorical = [c.name for c in self._active()

@@ -91,10 +91,16 @@ def clean_into(writer: ArtifactWriter, store: ArtifactStore, source: Artifact,
         hashes.append(raw.hash_rows(seed=0))
         del raw
         buffer = io.BytesIO()
-        prepared[outputs].write_parquet(buffer, compression="zstd", statistics=False)
+        # zstd level 1: a quarter faster to write than the default level 3, and no larger
+        # on these columns (measured on 500k synthetic rows: 0.088 s vs 0.120 s, 12.0 vs
+        # 12.8 MB). These bytes stay in memory; the output files are not affected.
+        prepared[outputs].write_parquet(buffer, compression="zstd", compression_level=1,
+                                        statistics=False)
         parts.append(_Part(offset, prepared.height, buffer.getvalue()))
         # Reasons repeat a few words: categorical, 4 bytes a row instead of 16.
-        narrow.append(prepared.drop([c for c in outputs if c not in needed]).with_columns(
+        # Columns picked by name share their buffers (a `drop` ran a query: 10-50 ms).
+        dropped = {c for c in outputs if c not in needed}
+        narrow.append(prepared[[c for c in prepared.columns if c not in dropped]].with_columns(
             pl.col(REASON, REASON_COLUMN).cast(pl.Categorical)))
         del prepared
     if not parts:
