@@ -151,8 +151,29 @@ def totals(entries: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def compose(entries: list[dict[str, Any]], *, delta: float) -> Composition:
-    """The (epsilon, `delta`) that `entries` spend together (see the module's rules)."""
+@dataclass(frozen=True)
+class _Tally:
+    """`entries` sorted into DP-SGD runs (merged into one history) and the others."""
+
+    history: list[tuple[float, float, int]]
+    own_eps: float
+    own_delta: float
+    other_eps: float
+    other_delta: float
+    runs: int
+    others: int
+
+    def added_bound(self, delta: float) -> float:
+        """An upper bound on `compose(...).epsilon` at `delta` with no accountant: the
+        sum of the epsilons wherever `compose` would be allowed to use it (it takes the
+        lower of that sum and the tight figure), else infinity."""
+        if (not any(steps for _, _, steps in self.history)
+                or self.own_delta <= (delta - self.other_delta) * (1 + SLACK)):
+            return self.own_eps + self.other_eps
+        return math.inf
+
+
+def _tally(entries: list[dict[str, Any]]) -> _Tally:
     phases: dict[tuple[float, float], int] = {}
     own_eps = own_delta = other_eps = other_delta = 0.0
     runs = others = 0
@@ -173,6 +194,15 @@ def compose(entries: list[dict[str, Any]], *, delta: float) -> Composition:
         # run took them: merged, PRV discretises one mechanism instead of one per run.
         phases[(sigma, rate)] = phases.get((sigma, rate), 0) + steps
     history = [(sigma, rate, steps) for (sigma, rate), steps in sorted(phases.items())]
+    return _Tally(history, own_eps, own_delta, other_eps, other_delta, runs, others)
+
+
+def compose(entries: list[dict[str, Any]], *, delta: float) -> Composition:
+    """The (epsilon, `delta`) that `entries` spend together (see the module's rules)."""
+    tally = _tally(entries)
+    history, own_eps, own_delta = tally.history, tally.own_eps, tally.own_delta
+    other_eps, other_delta = tally.other_eps, tally.other_delta
+    runs, others = tally.runs, tally.others
     added_eps, added_delta = own_eps + other_eps, own_delta + other_delta
     if not any(steps for _, _, steps in history):
         return Composition(epsilon=added_eps, delta=delta, method="none",
@@ -240,7 +270,14 @@ def check_budget(entries: list[dict[str, Any]], *, dataset: str, planned: dict[s
     not composed: only whether any epsilon is left at all, and its delta, are checked.
     That fail-fast never refuses what the full check would accept, since composing one
     more run never lowers epsilon.
+
+    The tight accountant is skipped when the epsilons summed already fit: `compose`
+    never reports more than that sum, so the decision is the same (and a refusal, or a
+    sum above the budget, is always composed tightly).
     """
+    if _fits_by_addition(entries, planned=planned, budget_epsilon=budget_epsilon,
+                         budget_delta=budget_delta, room_only=room_only):
+        return
     before = compose(entries, delta=budget_delta)
     after = before if room_only else compose([*entries, planned], delta=budget_delta)
     reserved = totals(entries)["reserved_epsilon"]
@@ -272,3 +309,18 @@ def check_budget(entries: list[dict[str, Any]], *, dataset: str, planned: dict[s
             f"{before.other_delta:.3g}, requested {delta:.3g}, remaining "
             f"{max(left_delta, 0.0):.3g} of {budget_delta:.3g}; lower train.delta or (if "
             "policy allows) raise budget.delta")
+
+
+def _fits_by_addition(entries: list[dict[str, Any]], *, planned: dict[str, Any],
+                      budget_epsilon: float, budget_delta: float, room_only: bool) -> bool:
+    """True when `check_budget` would accept `planned` whatever the tight accountant
+    says: the summed epsilons fit (with `compose`'s own condition for using that sum)
+    and so does the run's delta. Anything else (NaN included) takes the full check."""
+    tally = _tally(entries)
+    if room_only:
+        fits = tally.added_bound(budget_delta) < budget_epsilon - SLACK
+    else:
+        fits = (_tally([*entries, planned]).added_bound(budget_delta)
+                <= budget_epsilon + SLACK)
+    left_delta = budget_delta - tally.other_delta
+    return fits and float(planned["delta"]) <= left_delta + SLACK * budget_delta
