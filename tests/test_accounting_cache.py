@@ -6,34 +6,15 @@ import logging
 
 import pytest
 
-from personanet.privacy import accounting
 from personanet.privacy.accounting import calibrate_noise, compute_epsilon
+
+from .calibration_helpers import count_searches, fresh_calibration_caches  # noqa: F401
 
 PLAN = dict(accountant="prv", target_epsilon=1.0, delta=1e-5, sample_rate=0.08, steps=124)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_caches():
-    accounting._CALIBRATIONS.clear()
-    accounting._epsilon.cache_clear()
-    yield
-    accounting._CALIBRATIONS.clear()
-
-
-def _counting(monkeypatch) -> list[dict]:
-    calls: list[dict] = []
-    real = accounting._calibrate
-
-    def counted(**kwargs):
-        calls.append(kwargs)
-        return real(**kwargs)
-
-    monkeypatch.setattr(accounting, "_calibrate", counted)
-    return calls
-
-
 def test_the_same_plan_gets_the_same_noise_without_a_second_search(monkeypatch) -> None:
-    calls = _counting(monkeypatch)
+    calls = count_searches(monkeypatch)
     first = calibrate_noise(**PLAN)
     assert calibrate_noise(**PLAN) == first
     assert len(calls) == 1
@@ -46,7 +27,7 @@ def test_the_same_plan_gets_the_same_noise_without_a_second_search(monkeypatch) 
 
 def test_a_remembered_calibration_says_what_the_search_said(monkeypatch, caplog) -> None:
     plan = {**PLAN, "target_epsilon": 1000.0}  # calibrated with RDP, and it says so
-    calls = _counting(monkeypatch)
+    calls = count_searches(monkeypatch)
     with caplog.at_level(logging.INFO, logger="personanet"):
         calibrate_noise(**plan)
         said = [r.getMessage() for r in caplog.records]
@@ -58,7 +39,7 @@ def test_a_remembered_calibration_says_what_the_search_said(monkeypatch, caplog)
 
 
 def test_a_failed_calibration_is_not_remembered(monkeypatch) -> None:
-    calls = _counting(monkeypatch)
+    calls = count_searches(monkeypatch)
     plan = {**PLAN, "target_epsilon": 1e-9}
     for _ in range(2):
         with pytest.raises(ValueError, match="too low"):
@@ -77,7 +58,7 @@ def test_two_private_runs_of_one_plan_get_one_noise(cli, key_env, tmp_path, smal
                           overrides="[train]\nepochs = 1\nbatch_size = 64\n")
     for stage in ("collect", "clean"):
         assert cli("--config", config, stage).code == 0
-    calls = _counting(monkeypatch)
+    calls = count_searches(monkeypatch)
     noises = []
     for _ in range(2):
         trained = cli("--json", "--config", config, "train", "--device", "cpu", "--force")

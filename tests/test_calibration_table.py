@@ -17,27 +17,9 @@ from personanet.privacy.accounting import (
 )
 from personanet.privacy.calibration_table import TABLE_NAME, calibration_table
 
+from .calibration_helpers import count_searches, fresh_calibration_caches  # noqa: F401
+
 PLAN = dict(accountant="prv", target_epsilon=1.0, delta=1e-5, sample_rate=0.08, steps=124)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_caches():
-    accounting._CALIBRATIONS.clear()
-    accounting._epsilon.cache_clear()
-    yield
-    accounting._CALIBRATIONS.clear()
-
-
-def _counting(monkeypatch) -> list[dict]:
-    calls: list[dict] = []
-    real = accounting._calibrate
-
-    def counted(**kwargs):
-        calls.append(kwargs)
-        return real(**kwargs)
-
-    monkeypatch.setattr(accounting, "_calibrate", counted)
-    return calls
 
 
 def _new_process() -> None:
@@ -56,7 +38,7 @@ def _edit(table: Path, **changes) -> None:
 def test_a_new_process_takes_the_noise_from_the_table_without_a_search(tmp_path,
                                                                         monkeypatch) -> None:
     table = tmp_path / "calibration.json"
-    calls = _counting(monkeypatch)
+    calls = count_searches(monkeypatch)
     with calibration_table(table):
         first = calibrate_noise(**PLAN)
         _new_process()
@@ -80,7 +62,7 @@ def test_an_edited_noise_in_the_table_is_refused_and_searched_again(tmp_path, mo
         sigma, used = calibrate_noise(**PLAN)
         _edit(table, sigma=sigma * factor)
         _new_process()
-        calls = _counting(monkeypatch)
+        calls = count_searches(monkeypatch)
         assert calibrate_noise(**PLAN) == (sigma, used)
     assert len(calls) == 1
     assert json.loads(table.read_text())["calibrations"].popitem()[1]["sigma"] == sigma
@@ -93,7 +75,7 @@ def test_a_prv_plan_is_not_answered_by_an_edited_rdp_entry(tmp_path, monkeypatch
         rdp_sigma, _ = calibrate_noise(**{**PLAN, "accountant": "rdp"})
         _edit(table, sigma=rdp_sigma, accountant="rdp")  # valid, but not what PRV needs
         _new_process()
-        calls = _counting(monkeypatch)
+        calls = count_searches(monkeypatch)
         assert calibrate_noise(**PLAN) == (sigma, "prv")
     assert len(calls) == 1
 
@@ -159,7 +141,7 @@ def test_train_logs_rdp_bounds_between_epochs_and_prv_at_the_end(
     root = run.parents[2]
     assert (root / TABLE_NAME).is_file()
     _new_process()
-    calls = _counting(monkeypatch)
+    calls = count_searches(monkeypatch)
     again = cli("--json", "--config", config, "train", "--device", "cpu", "--force")
     assert again.code == 0, again.stderr
     assert calls == []

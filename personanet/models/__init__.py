@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 DEFAULT_FAMILY = "tabular"
 #: the description every family writes beside its weights
 SPEC_FILE = "model.json"
+#: the weights (safetensors) and the encoder (JSON) every family writes
+MODEL_FILE = "model.safetensors"
+ENCODER_FILE = "encoder.json"
 
 #: families shipped with personanet, imported (hence registered) on first use
 _BUILTIN = {"tabular": "personanet.models.tabular", "cnn": "personanet.models.cnn"}
@@ -141,6 +144,21 @@ def state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
     (what safetensors writes); the key names are the network's own."""
     inner = getattr(model, "_module", model)
     return {k: v.detach().cpu().contiguous() for k, v in inner.state_dict().items()}
+
+
+def write_model_files(model: nn.Module, spec: dict[str, Any], encoder: Any, folder: Path, *,
+                      weights_format: str) -> list[str]:
+    """Write the files every family's `save` writes: the weights (safetensors, tagged
+    with the family's `weights_format`), ``model.json`` and ``encoder.json``; returns
+    their names."""
+    from safetensors.torch import save_file
+
+    save_file(state_dict_for_saving(model), str(folder / MODEL_FILE),
+              metadata={"format": weights_format})
+    (folder / SPEC_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+    (folder / ENCODER_FILE).write_text(json.dumps(encoder.to_json(), indent=2, sort_keys=True)
+                                       + "\n")
+    return [MODEL_FILE, SPEC_FILE, ENCODER_FILE]
 
 
 def load_model(artifact_dir: Path | str) -> tuple[nn.Module, Encoder]:

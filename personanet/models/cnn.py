@@ -33,7 +33,14 @@ import torch
 from torch import nn
 
 from personanet.errors import BadInputError, ConfigError, InputMissingError
-from personanet.models import ModelFamily, register_family, state_dict_for_saving
+from personanet.models import (
+    ENCODER_FILE,
+    MODEL_FILE,
+    SPEC_FILE,
+    ModelFamily,
+    register_family,
+    write_model_files,
+)
 from personanet.models.image_encoding import IMAGE_KEY, ImageEncoder
 from personanet.models.tabular import PersonaLoss, _activation
 from personanet.training.image_defaults import resolve_image_train_config
@@ -42,9 +49,6 @@ if TYPE_CHECKING:
     from personanet.config import TrainConfig
 
 CNN_FORMAT = "personanet.cnn/1"
-MODEL_FILE = "model.safetensors"
-SPEC_FILE = "model.json"
-ENCODER_FILE = "encoder.json"
 PRESETS = ("seed", "tanh")
 #: what ``train.preset = "auto"`` means (measured: docs/training.md "Images")
 DEFAULT_PRESET = "tanh"
@@ -152,14 +156,7 @@ class ImageCNN(nn.Module):
 def save_cnn(model: nn.Module, spec: dict[str, Any], encoder: ImageEncoder, folder: Path
              ) -> list[str]:
     """Write ``model.safetensors``, ``model.json``, ``encoder.json``; returns the file names."""
-    from safetensors.torch import save_file
-
-    save_file(state_dict_for_saving(model), str(folder / MODEL_FILE),
-              metadata={"format": CNN_FORMAT})
-    (folder / SPEC_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
-    (folder / ENCODER_FILE).write_text(json.dumps(encoder.to_json(), indent=2, sort_keys=True)
-                                       + "\n")
-    return [MODEL_FILE, SPEC_FILE, ENCODER_FILE]
+    return write_model_files(model, spec, encoder, folder, weights_format=CNN_FORMAT)
 
 
 def load_cnn(artifact_dir: Path | str) -> tuple[ImageCNN, ImageEncoder]:

@@ -34,7 +34,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from personanet.errors import BadInputError, InputMissingError
-from personanet.models import ModelFamily, register_family, state_dict_for_saving
+from personanet.models import (
+    ENCODER_FILE,
+    MODEL_FILE,
+    SPEC_FILE,
+    ModelFamily,
+    register_family,
+    write_model_files,
+)
 from personanet.models.encoding import Encoder
 from personanet.training.defaults import settled
 
@@ -42,9 +49,6 @@ if TYPE_CHECKING:
     from personanet.config import TrainConfig
 
 MODEL_FORMAT = "personanet.model/1"
-MODEL_FILE = "model.safetensors"
-SPEC_FILE = "model.json"
-ENCODER_FILE = "encoder.json"
 TASKS = ("binary", "multiclass", "regression")
 
 #: tempered sigmoid s * sigmoid(T x) - o; the CIFAR-10 values of Papernot et al. (2021)
@@ -237,14 +241,7 @@ class PersonaLoss(nn.Module):
 def save_model(model: nn.Module, spec: dict[str, Any], encoder: Encoder, folder: Path
                ) -> list[str]:
     """Write ``model.safetensors``, ``model.json``, ``encoder.json``; returns the file names."""
-    from safetensors.torch import save_file
-
-    save_file(state_dict_for_saving(model), str(folder / MODEL_FILE),
-              metadata={"format": MODEL_FORMAT})
-    (folder / SPEC_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
-    (folder / ENCODER_FILE).write_text(json.dumps(encoder.to_json(), indent=2, sort_keys=True)
-                                       + "\n")
-    return [MODEL_FILE, SPEC_FILE, ENCODER_FILE]
+    return write_model_files(model, spec, encoder, folder, weights_format=MODEL_FORMAT)
 
 
 def load_persona_net(artifact_dir: Path | str) -> tuple[PersonaNet, Encoder]:
