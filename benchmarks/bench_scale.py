@@ -64,7 +64,11 @@ def _store(root: Path) -> tuple:
 
 
 def collect_clean(csv: Path | None, root: Path) -> dict:
-    import polars  # noqa: F401  (imported before the clock starts, as in `bare`)
+    # Libraries are imported before the clock starts, as polars is in `bare`: numpy and
+    # the polars-hash plugin are imported lazily by the stages (about 0.1 s).
+    import numpy  # noqa: F401
+    import polars  # noqa: F401
+    import polars_hash  # noqa: F401
 
     from personanet.stages.clean import clean
     from personanet.stages.collect import collect

@@ -142,33 +142,36 @@ def datetime_expr(expr: pl.Expr, raw: pl.Series) -> pl.Expr:
         return moment.cast(target)
     if raw.dtype == pl.Date:
         return expr.cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
-    text = expr.cast(pl.String).str.strip_chars()
-    return pl.coalesce([
-        text.str.to_datetime(fmt, strict=False, time_unit="us", time_zone="UTC")
-        for fmt in _formats_in_use(raw)
-    ])
+    return pl.lit(parsed_datetimes(raw))
 
 
-def _formats_in_use(raw: pl.Series) -> list[str]:
-    """The DATETIME_FORMATS that parse at least one value not parsed by an earlier one.
+def parsed_datetimes(raw: pl.Series) -> pl.Series:
+    """Each text value parsed by the first of DATETIME_FORMATS that fits it; null where
+    none does (or the value is blank).
 
-    Usually one format parses everything; trying the others on every row would
-    cost a full parse each for nothing.
+    The first format is tried on every value, each later one only on the values still
+    unparsed: usually none are left, so a column costs one parse (trying every format
+    on every row would cost a full parse each for nothing).
     """
     import polars as pl
 
-    text = raw.cast(pl.String).str.strip_chars()
-    left = text.filter(text.str.len_bytes() > 0)
-    used = []
-    for fmt in DATETIME_FORMATS:
-        if left.is_empty():
+    def parse(values: pl.Series, fmt: str) -> pl.Series:
+        # A lazy frame: the plan splits the rows over polars' threads.
+        return (values.to_frame("text").lazy()
+                .select(pl.col("text").str.strip_chars()
+                        .str.to_datetime(fmt, strict=False, time_unit="us", time_zone="UTC"))
+                .collect().to_series().alias(raw.name))
+
+    text = raw.cast(pl.String)
+    parsed = parse(text, DATETIME_FORMATS[0])
+    present = (text.str.strip_chars().str.len_bytes() > 0).fill_null(False)
+    for fmt in DATETIME_FORMATS[1:]:
+        left = parsed.is_null() & present
+        if not left.any():
             break
-        parsed = left.str.to_datetime(fmt, strict=False, time_unit="us", time_zone="UTC")
-        ok = parsed.is_not_null()
-        if ok.any():
-            used.append(fmt)
-            left = left.filter(~ok)
-    return used or [DATETIME_FORMATS[0]]
+        positions = left.arg_true()
+        parsed = parsed.scatter(positions, parse(text.gather(positions), fmt))
+    return parsed
 
 
 def bounds_of(col: ColumnConfig) -> tuple[Any, Any]:

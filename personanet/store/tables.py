@@ -21,6 +21,13 @@ if TYPE_CHECKING:
 
     from personanet.store.artifacts import Artifact
 
+#: Parquet compression inside the encrypted files. zstd level 1 rather than polars'
+#: default level 3: on 647k cleaned rows of the persona export it wrote in 0.116 s
+#: against 0.161 s, in 15.2 MiB against 16.1 MiB; on 1M collected (all-text) rows,
+#: 24.5 MB against 23.9 MB, in 0.287 s against 0.320 s. Readers need no setting.
+COMPRESSION = "zstd"
+COMPRESSION_LEVEL = 1
+
 
 def read_artifact_table(artifact: Artifact, name: str, key: crypto.MasterKey) -> pl.DataFrame:
     """An artifact's encrypted table, checked against its manifest, then authenticated."""
@@ -30,7 +37,8 @@ def read_artifact_table(artifact: Artifact, name: str, key: crypto.MasterKey) ->
 def write_encrypted_parquet(path: Path, frame: pl.DataFrame, key: crypto.MasterKey) -> None:
     """Serialise to Parquet in memory and write only the ciphertext."""
     buffer = io.BytesIO()
-    frame.write_parquet(buffer, compression="zstd", statistics=False)
+    frame.write_parquet(buffer, compression=COMPRESSION, compression_level=COMPRESSION_LEVEL,
+                        statistics=False)
     crypto.write_encrypted_file(path, buffer.getvalue(), key)
 
 
@@ -114,7 +122,8 @@ def write_encrypted_parquet_stream(path: Path, frames: Iterable[pl.DataFrame],
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
     with open(fd, "wb") as raw, crypto.EncryptingWriter(raw, key) as sealed:
         try:
-            lazy.sink_parquet(sealed, compression="zstd", statistics=False)
+            lazy.sink_parquet(sealed, compression=COMPRESSION,
+                              compression_level=COMPRESSION_LEVEL, statistics=False)
         except Exception:
             if failures:
                 raise failures[0] from None
