@@ -174,7 +174,9 @@ def privacy_sentence(model: Mapping[str, Any]) -> str:
         return (f"This model was trained with (ε = {epsilon:.2f}, δ = {_delta(delta)})-"
                 f"differential privacy **per row**, not per person: a person may have up to "
                 f"{level.get('rows_per_unit')} rows, so one person's records are protected "
-                f"only at {bound} (train.privacy_unit_level = \"row\").")
+                f"only at {bound} (train.privacy_unit_level = \"row\")."
+                + (" The dataset's privacy budget was charged that per-person figure."
+                   if level.get("ledger_charged") == "person_epsilon" else ""))
     per = f"per person (privacy unit: `{unit}`)" if unit else "per person"
     return (f"This model was trained with (ε = {epsilon:.2f}, δ = {_delta(delta)})-differential "
             f"privacy {per}: adding or removing any one person's records changes the "

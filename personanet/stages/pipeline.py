@@ -4,6 +4,11 @@ Like `dvc repro`: a stage whose inputs and config are unchanged returns the
 existing artifact (`reused: true`), so a nightly cron run on unchanged data
 finishes in seconds and spends no privacy budget. `force_from` recomputes
 that stage and every later one.
+
+A run that could not be evaluated is stopped before train: when clean leaves no
+training or no test rows, training would be charged to the ledger and evaluate would
+then refuse the empty test split (exit 65), so `run` refuses first (`evaluable`, exit
+65) and spends nothing. A bare `personanet train` may still train without a test split.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import logging
 from collections.abc import Callable
 
 from personanet.config import Config
-from personanet.errors import PersonaNetError, UsageError
+from personanet.errors import BadInputError, PersonaNetError, UsageError
 from personanet.stages.base import StageResult
 from personanet.store.artifacts import STAGES, ArtifactStore
 from personanet.store.keys import MasterKey
@@ -67,3 +72,32 @@ def _run_stages(config: Config, store: ArtifactStore, key: MasterKey, forced: se
             result = step(stage in forced)
             produced[stage] = result.version
             results.append(result)
+            if stage == "clean":  # before train: no budget for a run evaluate would refuse
+                evaluable(result, config)
+
+
+def evaluable(clean: StageResult, config: Config) -> None:
+    """BadInputError (65) when the `clean` artifact leaves no training or no test rows:
+    one line with both figures and the setting that decides the split."""
+    if "rows_train" not in clean.figures or "rows_test" not in clean.figures:
+        return  # no figures to judge by: evaluate says it itself
+    train_rows, test_rows = int(clean.figures["rows_train"]), int(clean.figures["rows_test"])
+    if train_rows > 0 and test_rows > 0:
+        return
+    cfg = config.clean
+    if train_rows == test_rows == 0:
+        fix = "no row was kept: see why each was quarantined"
+    elif cfg.split_column:
+        empty = cfg.split_test_value if test_rows == 0 else cfg.split_train_value
+        fix = (f"no kept row of the split column {cfg.split_column!r} (clean.split_column) "
+               f"says {empty!r}: fix that column, or remove clean.split_column to split by "
+               f"clean.test_fraction")
+    elif test_rows == 0:
+        fix = f"raise clean.test_fraction (now {cfg.test_fraction:g}) or collect more people"
+    else:
+        fix = f"lower clean.test_fraction (now {cfg.test_fraction:g}) or collect more people"
+    raise BadInputError(
+        f"run stopped before train: clean {clean.version} left {train_rows} train and "
+        f"{test_rows} test rows, so the model could not be "
+        f"{'trained' if train_rows == 0 else 'evaluated'}; no privacy budget was spent; "
+        f"{fix} (quarantined rows: `personanet artifacts show {clean.version}`)")

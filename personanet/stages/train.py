@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from personanet.config import AUTO, Config
-from personanet.errors import BadInputError, ConfigError, InternalError
+from personanet.errors import BadInputError, BudgetExhaustedError, ConfigError, InternalError
 from personanet.models import family_name_for, get_family, state_dict_for_saving
 from personanet.privacy import Ledger
 from personanet.privacy.calibration_table import TABLE_NAME as CALIBRATION_TABLE
@@ -209,13 +209,16 @@ def _train_locked(config: Config, store: ArtifactStore, key: MasterKey, *,
         def reserve() -> str:
             run_id = new_version()
             if private:  # the budget is taken before the first step, or the run is refused
-                ledger.reserve(run_id=run_id, epsilon=cfg.epsilon, delta=cfg.delta,
-                               budget_epsilon=config.budget.epsilon,
-                               budget_delta=config.budget.delta, accountant=run.accountant,
-                               noise_multiplier=run.noise_multiplier,
-                               sample_rate=run.sample_rate, steps_planned=run.planned_steps,
-                               steps=0, input=clean.version, fingerprint=fp,
-                               grad_sample_mode=run.grad_sample_mode)
+                # the row epsilon, or a row-level run's per-person bound (training/units.py)
+                charge = plan.charge(run)
+                try:
+                    ledger.reserve(run_id=run_id, epsilon=charge.epsilon, delta=charge.delta,
+                                   budget_epsilon=config.budget.epsilon,
+                                   budget_delta=config.budget.delta, **charge.details,
+                                   steps=0, input=clean.version, fingerprint=fp,
+                                   grad_sample_mode=run.grad_sample_mode)
+                except BudgetExhaustedError as exc:
+                    raise charge.refused(exc) from None
             return run_id
 
         barrier(world, "the start")  # no budget is taken while a rank is still failing
@@ -269,8 +272,8 @@ def _train_locked(config: Config, store: ArtifactStore, key: MasterKey, *,
             writer.figures = figures
             artifact = writer.commit()
         if private:
-            ledger.settle(run_id, epsilon=privacy["epsilon"], delta=privacy["delta"],
-                          version=artifact.version, steps=run.steps)
+            ledger.settle(run_id, **plan.settled(privacy), version=artifact.version,
+                          steps=run.steps)
         else:
             ledger.record_non_private(run_id=run_id, version=artifact.version,
                                       input=clean.version, fingerprint=fp, steps=run.steps)
@@ -326,7 +329,10 @@ def _read_training_frame(clean: Artifact, key: MasterKey, config: Config) -> pl.
         logger.warning("%d training rows have no usable target and are left out", dropped)
     frame = frame.filter(pl.Series(labelled))
     if frame.height == 0:
-        raise BadInputError(f"clean artifact {clean.version} has no labelled training rows")
+        why = (f"none of its {dropped} train rows has a usable target" if dropped else
+               "the train split is empty: check clean.split_column / clean.test_fraction")
+        raise BadInputError(f"clean artifact {clean.version} has no labelled training rows "
+                            f"({why}); nothing was charged to the budget")
     return frame
 
 
@@ -350,7 +356,7 @@ def _stopped(exc: BaseException, ledger: Ledger, run_id: str, run_dir: Path, run
     ledger.update(run_id, steps=run.steps)
     logger.error("training stopped after %d of %d steps; its budget (epsilon %.3g) stays "
                  "reserved: `personanet train --resume` continues it", run.steps,
-                 run.planned_steps, run.target_epsilon)
+                 run.planned_steps, float(entry["epsilon"]))
 
 
 def _figures(run: TrainingRun, history: TrainHistory, config: Config, *, rows: int,

@@ -16,6 +16,10 @@ sampled person, with two extra tensors:
 `BatchMemoryManager` splits a logical batch into physical ones by dataset index, that is
 by person, so a person's rows are never split; a physical batch holds
 ``max_physical_batch_size // k`` people (``validation`` refuses k above the cap).
+
+Under ``"row"`` with k > 1 a person is protected only by group privacy, so the plan also
+says what the ledger is charged (`UnitPlan.charge`, `LedgerCharge`): the per-person bound,
+planned before the first step and settled at the same function of the final history.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from personanet.errors import BudgetExhaustedError, InternalError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -103,8 +109,90 @@ class UnitPlan:
         # None: no delta' brings group privacy's delta down to train.delta (no bound)
         person_epsilon = bound.epsilon if math.isfinite(bound.epsilon) else None
         doc.update(person_epsilon=person_epsilon, person_delta=bound.delta,
-                   group_privacy=bound.to_json())
+                   group_privacy=bound.to_json(), row_epsilon=run.epsilon(final=True),
+                   ledger_charged="person_epsilon")
         return doc
+
+    @property
+    def by_group_privacy(self) -> bool:
+        """Rows sampled while a person may have several: the ledger is charged the
+        per-person bound of group privacy, not the row epsilon."""
+        return self.level == "row" and self.rows_per_unit > 1
+
+    def charge(self, run: TrainingRun) -> LedgerCharge:
+        """What the ledger reserves for `run` before its first step (see `LedgerCharge`)."""
+        assert run.private and run.noise_multiplier is not None and run.delta is not None
+        plan = {"accountant": run.accountant, "noise_multiplier": run.noise_multiplier,
+                "sample_rate": run.sample_rate, "steps_planned": run.planned_steps}
+        if not self.by_group_privacy:
+            return LedgerCharge(epsilon=float(run.target_epsilon or 0.0),
+                                delta=float(run.delta), details=plan)
+        from personanet.privacy.units import group_privacy
+
+        # Group privacy is a function of the RDP curve, known from the calibrated noise,
+        # the sample rate and the planned steps: the figure the run will settle at.
+        bound = group_privacy(history=[(float(run.noise_multiplier), run.sample_rate,
+                                        run.planned_steps)],
+                              rows=self.rows_per_unit, delta=float(run.delta))
+        return LedgerCharge(
+            epsilon=bound.epsilon, delta=bound.delta, rows_per_unit=self.rows_per_unit,
+            row_epsilon=float(run.target_epsilon or 0.0),
+            details={**plan, "mechanism": GROUP_PRIVACY,
+                     "accountant": "rdp, group privacy",
+                     "charged": "person_epsilon", "rows_per_unit": self.rows_per_unit,
+                     "row_epsilon": float(run.target_epsilon or 0.0),
+                     "group_privacy": bound.to_json()})
+
+    def settled(self, privacy: Mapping[str, Any]) -> dict[str, Any]:
+        """The (epsilon, delta) to settle at, from privacy.json: the accountant's row figure,
+        or, charged by group privacy, the person's from the final history (the same
+        function of the same curve as `charge`'s plan)."""
+        if not self.by_group_privacy:
+            return {"epsilon": privacy["epsilon"], "delta": privacy["delta"]}
+        level = privacy["unit_level"]
+        if level.get("person_epsilon") is None:
+            raise InternalError("a row-level run charged by group privacy has no "
+                                "per-person bound")
+        return {"epsilon": level["person_epsilon"], "delta": level["person_delta"],
+                "row_epsilon_spent": privacy["epsilon"]}
+
+
+#: a ledger entry's mechanism when it charges a row-level run's per-person bound: it
+#: composes by addition, never as the Gaussian it was derived from
+#: (`personanet.privacy.composition.dpsgd_phase`)
+GROUP_PRIVACY = "group-privacy"
+
+
+@dataclass(frozen=True)
+class LedgerCharge:
+    """A private run's ledger reservation: (epsilon, delta) and the entry's `details`.
+
+    Mostly the row epsilon the noise was calibrated to, composed tightly with the others
+    as DP-SGD. A row-level run where a person may have k > 1 rows protects a person only
+    by group privacy: the dataset's budget protects people, so it is charged the
+    per-person bound (`personanet.privacy.units.group_privacy`) as a plain (epsilon,
+    delta), composed by addition (``mechanism: "group-privacy"``).
+    """
+
+    epsilon: float
+    delta: float
+    details: dict[str, Any]
+    rows_per_unit: int = 1
+    row_epsilon: float | None = None
+
+    def refused(self, exc: BudgetExhaustedError) -> BudgetExhaustedError:
+        """`exc` saying which figure was checked and what costs less, where it was the
+        per-person bound of group privacy; else `exc` itself."""
+        if self.row_epsilon is None:
+            return exc
+        bound = (f"{self.epsilon:.4g}" if math.isfinite(self.epsilon)
+                 else "unbounded (no delta' reaches train.delta)")
+        return BudgetExhaustedError(
+            f"{exc}. This row-level run (train.privacy_unit_level = \"row\", up to "
+            f"{self.rows_per_unit} rows a person) is charged its per-person epsilon {bound} "
+            f"at delta {self.delta:g} (group privacy of its row epsilon "
+            f"{self.row_epsilon:.4g}); train.privacy_unit_level = \"person\" (the default) "
+            f"costs about the row epsilon per person, far less")
 
 
 def unit_plan(units: np.ndarray, *, level: str, max_rows_per_unit: int) -> UnitPlan:
