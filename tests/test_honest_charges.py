@@ -146,6 +146,16 @@ def test_row_level_run_is_charged_its_per_person_bound_composed_by_addition(
     sentence = privacy_sentence({"private": True, "epsilon": privacy["epsilon"],
                                  "delta": privacy["delta"], "unit_level": level})
     assert "budget was charged that per-person figure" in sentence
+    # budget show's next run: another like it adds its per-person bound, not the row figure
+    shown = cli("--json", "--config", _panel(tmp_path, "row", level="row"), "--artifacts",
+                root, "budget", "show")
+    assert shown.code == 0, shown.stderr
+    nxt = shown.json()["next_run"]
+    assert nxt["mechanism"] == "group-privacy" and nxt["like_run"] == entry["run_id"]
+    assert nxt["epsilon"] == pytest.approx(entry["epsilon_spent"], rel=1e-9)
+    text = cli("--config", _panel(tmp_path, "row", level="row"), "--artifacts", root,
+               "budget", "show")
+    assert "charged its per-person epsilon" in " ".join(text.stdout.split())
 
     # One more run, person level (DP-SGD, composed tightly at what delta is left)
     person = _train(cli, _panel(tmp_path, "person", level="person"), root)

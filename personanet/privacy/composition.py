@@ -47,6 +47,9 @@ SLACK = 1e-9
 
 #: the mechanism a ledger entry is, where it says nothing else: one DP-SGD run
 DP_SGD = "dp-sgd"
+#: a row-level run charged its per-person bound (group privacy): composed by addition,
+#: never as the Gaussian it was derived from
+GROUP_PRIVACY = "group-privacy"
 
 
 @dataclass(frozen=True)
@@ -244,16 +247,27 @@ def next_run_cost(entries: list[dict[str, Any]], *, delta: float, train_epsilon:
     epsilon). Before any such run: at most the config's `train_epsilon` (``basis:
     "config"``), since one run composed at the budget's delta costs no more than that.
     """
-    last = next((e for e in reversed(entries) if dpsgd_phase(e) is not None), None)
+    last = next((e for e in reversed(entries) if dpsgd_phase(e) is not None
+                 or (e.get("mechanism") == GROUP_PRIVACY and counted(e)[0] > 0)), None)
     if last is None:
         return {"basis": "config", "epsilon": float(train_epsilon),
                 "epsilon_by_addition": float(train_epsilon)}
+    before = compose(entries, delta=delta).epsilon
+    if last.get("mechanism") == GROUP_PRIVACY:
+        # A row-level run charged its per-person bound: one more adds that bound again.
+        epsilon, run_delta = counted(last)
+        again = {"status": "reserved", "private": True, "mechanism": GROUP_PRIVACY,
+                 "epsilon": epsilon, "delta": run_delta}
+        after = compose([*entries, again], delta=delta).epsilon
+        return {"basis": "last run", "like_run": last.get("run_id"),
+                "mechanism": GROUP_PRIVACY, "rows_per_unit": last.get("rows_per_unit"),
+                "epsilon": after - before, "composed_epsilon": after,
+                "epsilon_by_addition": epsilon}
     sigma, rate, taken = dpsgd_phase(last) or (0.0, 0.0, 0)
     steps = int(last.get("steps_planned") or taken)
     again = {"status": "reserved", "private": True, "epsilon": counted(last)[0],
              "delta": float(last["delta"]), "noise_multiplier": sigma, "sample_rate": rate,
              "steps_planned": steps}
-    before = compose(entries, delta=delta).epsilon
     after = compose([*entries, again], delta=delta).epsilon
     return {"basis": "last run", "like_run": last.get("run_id"), "noise_multiplier": sigma,
             "sample_rate": rate, "steps": steps, "epsilon": after - before,

@@ -116,6 +116,12 @@ def _next_run(summary: dict[str, Any]) -> str:
     if nxt["basis"] == "config":
         return (f"one more run at the config's train.epsilon costs at most "
                 f"{nxt['epsilon']:.4g} (no DP-SGD run recorded yet to compose it with)")
+    if nxt.get("mechanism") == "group-privacy":
+        return (f"one more run identical to the last one ({nxt['like_run']}: row level, up "
+                f"to {nxt.get('rows_per_unit')} rows a person, charged its per-person "
+                f"epsilon) would add epsilon {nxt['epsilon']:.4g} (composed total "
+                f"{nxt['composed_epsilon']:.4g}); train.privacy_unit_level = \"person\" "
+                "costs far less")
     return (f"one more run identical to the last one ({nxt['like_run']}: noise "
             f"{nxt['noise_multiplier']:.4g}, sample rate {nxt['sample_rate']:.4g}, "
             f"{nxt['steps']} steps) would add epsilon {nxt['epsilon']:.4g} (composed total "

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from personanet.errors import BudgetExhaustedError, InternalError
+from personanet.privacy.composition import GROUP_PRIVACY
 
 if TYPE_CHECKING:
     import numpy as np
@@ -157,10 +158,6 @@ class UnitPlan:
                 "row_epsilon_spent": privacy["epsilon"]}
 
 
-#: a ledger entry's mechanism when it charges a row-level run's per-person bound: it
-#: composes by addition, never as the Gaussian it was derived from
-#: (`personanet.privacy.composition.dpsgd_phase`)
-GROUP_PRIVACY = "group-privacy"
 
 
 @dataclass(frozen=True)
