@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -256,7 +257,6 @@ def _weights_sha256(model_file: Path) -> str:
 
 def test_two_processes_train_identical_replicas_under_the_single_process_privacy(
         store: dict) -> None:
-    import re
 
     hooks = store["tmp"] / "hooks"
     hooks.mkdir()
@@ -380,3 +380,46 @@ def test_launcher_flags_are_checked_and_workers_get_no_key_on_their_command_line
     monkeypatch.setattr(launcher, "launch", real)
     result = cli("--config", small_config, "train", "--nproc-per-node", "2", "--nnodes", "2")
     assert result.code == 78 and "--rdzv-endpoint" in result.stderr
+
+
+def test_person_level_in_two_processes_keeps_the_single_process_plan_and_replicas(
+        tmp_path: Path) -> None:
+    """k rows a person, clipped as one: the loader is over people, so each rank samples
+    its shard of people; the plan and epsilon are those of one process, the replicas
+    end identical, and privacy.json counts the same people."""
+    from personanet.store.keys import MasterKey
+    from tests.test_person_level import panel_csv
+
+    key_file = tmp_path / "key"
+    key_file.write_text(MasterKey.generate().to_base64())
+    key_file.chmod(0o600)
+    config = write_config(tmp_path / "panel.toml", panel_csv(tmp_path / "panel.csv"),
+                          overrides=("[clean]\nmax_rows_per_unit = 6\n"
+                                     "dedupe_key = [\"email\", \"collected_at\"]\n"
+                                     "[train]\nepochs = 1\nbatch_size = 16\n"
+                                     "[budget]\nepsilon = 100\n"))
+    env = {"PERSONANET_KEY_FILE": str(key_file), "OMP_NUM_THREADS": "1",
+           "PERSONANET_DIST_TIMEOUT": "60"}
+    base = ["--config", str(config), "--artifacts", str(tmp_path / "root")]
+    for stage in ("collect", "clean"):
+        assert run_subprocess([*base, stage], env=env, timeout=120).returncode == 0
+    runs = {}
+    for name, extra in (("one", []), ("two", ["--nproc-per-node", "2"])):
+        result = run_subprocess([*base, "--json", "--debug", "train", "--force", *extra],
+                                env=env, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = (json.loads(result.stdout.strip().splitlines()[-1]), result.stderr)
+    (one, _), (two, err) = runs["one"], runs["two"]
+    assert two["processes"] == 2
+    for name in ("sample_rate", "steps", "train_rows"):
+        assert two[name] == one[name], name
+    assert two["noise_multiplier"] == pytest.approx(one["noise_multiplier"], rel=1e-12)
+    assert two["epsilon"] == pytest.approx(one["epsilon"], rel=1e-8)
+    levels = [json.loads((Path(r["path"]) / "privacy.json").read_text())["unit_level"]
+              for r in (one, two)]
+    assert levels[0] == levels[1] and levels[0]["level"] == "person"
+    assert levels[0]["rows_per_unit"] == 6 and levels[0]["people"] < one["train_rows"]
+    digests = {rank: digest for digest, rank
+               in re.findall(r"replica weights sha256 (\w+) \(rank (\d)\)", err)}
+    assert set(digests) == {"0", "1"}, err[-2000:]
+    assert set(digests.values()) == {_weights_sha256(Path(two["path"]) / "model.safetensors")}
