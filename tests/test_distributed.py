@@ -257,7 +257,6 @@ def _weights_sha256(model_file: Path) -> str:
 
 def test_two_processes_train_identical_replicas_under_the_single_process_privacy(
         store: dict) -> None:
-
     hooks = store["tmp"] / "hooks"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(_NO_WRITES)
