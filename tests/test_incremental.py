@@ -105,6 +105,40 @@ def test_nothing_new_reuses_the_head(cli, key_env, tmp_path: Path, small_csv: Pa
     assert again["reused"] is True and again["version"] == first["version"]
 
 
+def test_rows_arriving_later_at_the_watermark_value_are_collected_once(
+        cli, key_env, tmp_path: Path, small_csv: Path) -> None:
+    """A watermark with ties (one second of updated_at, a transaction committed late):
+    rows that arrive after a collection with the very value it reached are collected by
+    the next one, and rows already held at that value are not collected twice."""
+    db, root = tmp_path / "people.db", tmp_path / "a"
+    day1, day2 = _days(small_csv)
+    top = day1["updated_at"].max()
+    ties = pl.int_range(pl.len()) >= day1.height - 5  # day 1 ends with 5 rows at `top`
+    day1 = day1.with_columns(pl.when(ties).then(pl.lit(top)).otherwise(pl.col("updated_at"))
+                             .alias("updated_at"))
+    write_sqlite(db, day1)
+    config = database_config(tmp_path / "db.toml", {
+        "sqlite": "people.db", "table": "people", "watermark": "updated_at"})
+    args = ("--json", "--config", config, "--artifacts", root, "collect", "--incremental")
+    first = cli(*args).json()
+    assert first["rows"] == 300
+
+    # Later: two rows with day 1's last value, one past it
+    late = day2.head(3).with_columns(pl.Series("updated_at", [top, top, "2099-01-01T00000"]))
+    write_sqlite(db, late)
+    second = cli(*args).json()
+    assert second["reused"] is False and second["rows"] == 3  # not 1 (missed), not 8 (twice)
+    third = cli(*args).json()
+    assert third["reused"] is True and third["version"] == second["version"]
+
+    # One more at the new top value; the one held there is not read twice
+    write_sqlite(db, day2.slice(3, 1).with_columns(pl.lit("2099-01-01T00000").alias("updated_at")))
+    fourth = cli(*args).json()
+    assert fourth["rows"] == 1
+    cleaned = _lines(cli("--json", "--config", config, "--artifacts", root, "clean"))["clean"]
+    assert cleaned["rows_in"] == 304 and cleaned["duplicates_exact"] == 0
+
+
 def test_full_reads_everything_again(cli, key_env, tmp_path: Path, small_csv: Path) -> None:
     db = tmp_path / "people.db"
     day1, day2 = _days(small_csv)

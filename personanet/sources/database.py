@@ -134,6 +134,12 @@ class DatabaseSource:
 
     `after` (set by `collect --incremental`) keeps only rows whose watermark column is past
     it; `watermark_reached` is the largest watermark value read, known once read.
+
+    With `held` (the digests of the rows the chain already holds at `after`) the rows *at*
+    `after` are read again and those already held are skipped: a row that arrives later
+    with the same watermark value (one second's worth of `updated_at`, a transaction
+    committed late) is collected instead of missed. `held_reached` is the same set for
+    `watermark_reached`, for the next collection.
     """
 
     settings: DatabaseConfig
@@ -141,6 +147,8 @@ class DatabaseSource:
     base: Path = field(default_factory=Path.cwd)
     after: Any = None
     watermark_reached: Any = None
+    held: list[str] | None = None
+    held_reached: list[str] = field(default_factory=list)
     _identity: str | None = None
     _rows: int | None = None
 
@@ -168,7 +176,9 @@ class DatabaseSource:
         if db.watermark is None:
             return inner
         mark = f"{SUBQUERY}.{db.watermark}"
-        where = f" WHERE {mark} > $1" if self.after is not None else ""
+        # Inclusive when the rows held at `after` are known (they are skipped by digest).
+        where = ("" if self.after is None else
+                 f" WHERE {mark} >= $1" if self.held is not None else f" WHERE {mark} > $1")
         return f"SELECT * FROM ({inner}) AS {SUBQUERY}{where} ORDER BY {mark}"  # noqa: S608
 
     # ------------------------------------------------------------------ identity
@@ -217,6 +227,8 @@ class DatabaseSource:
         from personanet.sources.files import _as_text
 
         rows, reached = 0, self.after
+        mark = self.settings.watermark
+        boundary = Boundary(self.after, self.held)
         header: list[str] | None = None
         for batch in self._arrow_batches():
             for start in range(0, max(batch.num_rows, 1), batch_size):
@@ -226,15 +238,18 @@ class DatabaseSource:
                 if header is None:
                     header = frame.columns
                     digest.update(repr(header).encode())
-                if self.settings.watermark is not None and piece.num_rows:
-                    reached = _largest(reached, frame, self.settings.watermark, self.name)
+                if mark is not None and piece.num_rows:
+                    reached = _largest(reached, frame, mark, self.name)
                 text = _as_text(frame, self.options, Path(self.name))
+                if mark is not None and text.height:
+                    text = boundary.new_rows(frame[mark], text)
                 digest.update(_row_bytes(text))
                 rows += text.height
                 if text.height:
                     yield text
         self._rows = rows
         self.watermark_reached = reached
+        self.held_reached = boundary.held_at(reached)
 
     def _arrow_batches(self) -> Iterator[Any]:
         """Arrow record batches from the driver; every failure scrubbed of the credential."""
@@ -303,6 +318,53 @@ def _largest(current: Any, frame: pl.DataFrame, column: str, name: str) -> Any:
     if top is None:
         return current
     return top if current is None or top > current else current
+
+
+class Boundary:
+    """The rows at the watermark: those held already are skipped, those at the newest
+    value are remembered (as sha256 digests of their text; multiset: a row held once and
+    sent twice is kept once)."""
+
+    def __init__(self, after: Any, held: list[str] | None) -> None:
+        from collections import Counter
+
+        self.after = after
+        self.held = Counter(held or ())
+        self.was_held = list(held or ())
+        self.top: Any = after
+        self.at_top: list[str] = []
+
+    def new_rows(self, marks: pl.Series, text: pl.DataFrame) -> pl.DataFrame:
+        """`text` without the rows held at `after`; remembers the rows at the largest mark."""
+        import polars as pl
+
+        keep = [True] * text.height
+        if self.held and self.after is not None:
+            for i in (marks == self.after).fill_null(False).arg_true().to_list():
+                row = _row_digest(text[i])
+                if self.held[row] > 0:
+                    self.held[row] -= 1
+                    keep[i] = False
+            text = text.filter(pl.Series(keep)) if not all(keep) else text
+            marks = marks.filter(pl.Series(keep)) if not all(keep) else marks
+        top = marks.drop_nulls().max()
+        if top is not None and (self.top is None or top > self.top):
+            self.top, self.at_top = top, []
+        if self.top is not None:
+            self.at_top += [_row_digest(text[i]) for i in
+                            (marks == self.top).fill_null(False).arg_true().to_list()]
+        return text
+
+    def held_at(self, reached: Any) -> list[str]:
+        """The digests of every row the chain will hold at `reached` once these are kept."""
+        if reached is None:
+            return []
+        earlier = self.was_held if reached == self.after else []
+        return [*earlier, *(self.at_top if reached == self.top else [])]
+
+
+def _row_digest(row: pl.DataFrame) -> str:
+    return hashlib.sha256(_row_bytes(row)).hexdigest()
 
 
 def _row_bytes(frame: pl.DataFrame) -> bytes:

@@ -45,6 +45,8 @@ log = logging.getLogger("personanet")
 
 #: manifest fields of a collect artifact
 STREAM, PARENT, INCREMENTAL = "stream", "parent", "incremental"
+#: the watermark file's column of the digests of the rows held at the watermark
+HELD = "__personanet.held"
 
 
 def stream_id(config: Config, patterns: list[str] | None = None) -> str:
@@ -179,7 +181,7 @@ def plan_collection(config: Config, store: ArtifactStore, key: MasterKey,
             raise ConfigError("collect --incremental from a database needs "
                               "dataset.database.watermark (a column that grows: an id, "
                               "updated_at)")
-        source.after = read_watermark(head, key)  # type: ignore[attr-defined]
+        source.after, source.held = read_watermark(head, key)  # type: ignore[attr-defined]
         source.fingerprint()
         new = opened if source.describe()["rows"] else []
     else:
@@ -255,7 +257,8 @@ def _write_database(config: Config, key: MasterKey, collection: Collection,
     figures.columns = list(config.columns)
     reached = source.watermark_reached  # type: ignore[attr-defined]
     if reached is not None:
-        write_watermark(writer, config.dataset.database.watermark, reached, key)
+        write_watermark(writer, config.dataset.database.watermark, reached, key,
+                        held=source.held_reached)  # type: ignore[attr-defined]
     writer.manifest["inputs"] = [{"database": source.describe()}]
     writer.figures = {**asdict(figures), "database": source.describe()}
     collection.record(writer)
@@ -264,18 +267,25 @@ def _write_database(config: Config, key: MasterKey, collection: Collection,
 
 
 def write_watermark(writer: ArtifactWriter, column: str | None, value: Any,
-                    key: MasterKey) -> None:
+                    key: MasterKey, *, held: list[str]) -> None:
+    """The largest watermark value collected, and the sha256 digests of the rows the chain
+    holds at it (`sources.database.Boundary`): both values of records, so encrypted."""
     import polars as pl
 
-    frame = pl.DataFrame({str(column): [value]})
+    frame = pl.DataFrame({str(column): [value],
+                          HELD: pl.Series([list(held)], dtype=pl.List(pl.String))})
     tables.write_encrypted_parquet(writer.path(WATERMARK), frame, key)
     writer.add(WATERMARK, rows=1, encrypted=True, key_id=key.key_id)
 
 
-def read_watermark(head: Artifact, key: MasterKey) -> Any:
-    """The largest watermark value the chain up to `head` has collected."""
+def read_watermark(head: Artifact, key: MasterKey) -> tuple[Any, list[str] | None]:
+    """The largest watermark value the chain up to `head` has collected, and the digests
+    of the rows held at it (None from a collection made before they were kept: the rows
+    at that value are then not read again, as before)."""
     names = {out["name"] for out in head.manifest.get("outputs", [])}
     if WATERMARK not in names:
         raise UsageError(f"collect {head.version} has no watermark (collected without "
                          "dataset.database.watermark): run collect --full once")
-    return tables.read_artifact_table(head, WATERMARK, key).row(0)[0]
+    frame = tables.read_artifact_table(head, WATERMARK, key)
+    held = frame[HELD][0].to_list() if HELD in frame.columns else None
+    return frame.row(0)[0], held
