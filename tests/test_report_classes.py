@@ -22,3 +22,26 @@ def test_report_lists_each_class_and_hides_small_ones() -> None:
 
 def test_a_binary_report_has_no_classes_section() -> None:
     assert "## Classes" not in render_markdown({"task": "classification"})
+
+
+def test_group_tables_leave_out_columns_no_group_has_a_figure_for() -> None:
+    """Positive rate is a two-class metric: a 10-class model's group table drops the empty
+    column; a binary model's keeps it."""
+    from personanet.reporting.metrics import group_metrics
+
+    rng = np.random.default_rng(0)
+    groups = {"sex": np.array(["F", "M"] * 30)}
+    y3 = rng.integers(0, 3, 60)
+    many = group_metrics(groups, y3, np.eye(3)[y3], ["a", "b", "c"], min_group_size=5)
+    assert all(g["positive_rate"] is None for g in many["sex"]["groups"].values())
+    report = render_markdown({"task": "classification", "groups": many})
+    header = next(line for line in report.splitlines() if line.startswith("| Group |"))
+    assert "Positive rate" not in header and "Accuracy" in header
+    row = next(line for line in report.splitlines() if line.startswith("| F |"))
+    assert row.count("|") == header.count("|")  # the cells follow the header
+
+    y2 = rng.integers(0, 2, 60)
+    two = group_metrics(groups, y2, np.eye(2)[y2], ["no", "yes"], min_group_size=5)
+    report = render_markdown({"task": "classification", "groups": two})
+    assert "Positive rate" in next(line for line in report.splitlines()
+                                   if line.startswith("| Group |"))

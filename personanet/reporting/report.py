@@ -230,17 +230,30 @@ def _markdown_metrics(metrics: Mapping[str, Any], task: str) -> list[str]:
     return [*lines, ""]
 
 
+def _reported_columns(entry: Mapping[str, Any], task: str) -> list[tuple[str, str]]:
+    """The task's group columns that have a figure for some reported group: a metric of
+    two classes (positive rate, AUC) has none for a multi-class model, and an empty
+    column says nothing."""
+    columns = GROUP_COLUMNS.get(task, GROUP_COLUMNS["classification"])
+    shown = [figures for figures in (entry.get("groups") or {}).values()
+             if not figures.get("suppressed")]
+    if not shown:
+        return list(columns)
+    return [(key, label) for key, label in columns
+            if any(figures.get(key) is not None for figures in shown)]
+
+
 def _markdown_groups(groups: Mapping[str, Any], task: str) -> list[str]:
     lines = ["## Groups", ""]
     if not groups:
         return [*lines, "No sensitive columns are configured.", ""]
-    columns = GROUP_COLUMNS.get(task, GROUP_COLUMNS["classification"])
     lines += ["Every metric per group of each sensitive column. Suppressed groups are too small "
               "to report without describing individual people: neither their metrics nor their "
               "size are published (and where they hold few people together, the smallest "
               "reported group is suppressed too, so their total gives none away).", ""]
     for column, entry in groups.items():
         lines += [f"### `{column}`", ""]
+        columns = _reported_columns(entry, task)
         grouping = entry.get("grouping") or {}
         if grouping.get("by") == "bins":
             lines += [f"Groups are bins of the public bounds, edges "
