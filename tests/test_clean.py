@@ -504,3 +504,47 @@ def test_report_round_trips_and_renders(messy) -> None:
     shown = console.file.getvalue()
     assert "rows in" in shown and "unknown_split_value" in shown and "age" in shown
     assert json.loads(json.dumps(result.figures)) == result.figures
+
+
+def test_aliases_map_other_spellings_of_a_category_and_nothing_else() -> None:
+    """UCI's adult.test writes its labels ">50K." and "<=50K.": without aliases every row
+    is quarantined as an unknown target; with them the rows are kept under the categories,
+    in clean and in predict alike (the same rule)."""
+    records = pl.DataFrame({"email": ["a@x", "b@x", "c@x", "d@x"],
+                            "sex": ["Male", " female", "F", "?"],
+                            "income": [">50K.", "<=50K.", "<=50K", ">50k."]})
+    columns = {"sex": {"categories": ["Female", "Male"], "case": "lower",
+                       "aliases": {"F": "Female", "M": "Male"}}}
+    plain = clean_records(records, small_config(columns), b"k" * 32)
+    assert plain.report.quarantined_by_reason == {"unknown_target": 3}
+
+    aliased = parse_config({
+        "dataset": {"name": "tiny", "target": "income", "privacy_unit": "email"},
+        "columns": {"email": {"role": "identifier"}, **columns,
+                    "income": {"role": "target", "categories": ["<=50K", ">50K"],
+                               "aliases": {">50K.": ">50K", "<=50K.": "<=50K"}}},
+        "clean": {}})
+    outcome = clean_records(records, aliased, b"k" * 32)
+    assert outcome.report.rows_quarantined == 1  # ">50k.": case "none" on income
+    assert outcome.quarantine.rows() == [(3, "income", "unknown_target")]
+    kept = pl.concat([outcome.train, outcome.test]).sort("income")
+    assert kept["income"].to_list() == ["<=50K", "<=50K", ">50K"]
+    assert sorted(kept["sex"].to_list()) == ["Female", "Female", "Male"]
+    assert outcome.report.columns["sex"].other == 0
+    prepared = prepare_rows(records.drop("income"), aliased, b"k" * 32, require_target=False)
+    assert sorted(prepared.frame["sex"].to_list()) == ["Female", "Female", "Male", "__other__"]
+
+
+@pytest.mark.parametrize(("aliases", "message"), [
+    ({"x": "Other"}, r"names 'Other', which is not one of its categories"),
+    ({"male": "Female"}, r"'male' already means 'Male'"),
+    ({"f": "Female", " F": "Male"}, r"' F' already means 'Female'"),
+    ({" ": "Male"}, r"a blank spelling"),
+    ({}, r"must be a table"),
+])
+def test_aliases_that_could_mean_two_things_are_refused(aliases: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=r"columns\.sex\.aliases.*" + message):
+        small_config({"sex": {"categories": ["Female", "Male"], "case": "lower",
+                              "aliases": aliases}})
+    with pytest.raises(ConfigError, match=r"columns\.age\.aliases only applies"):
+        small_config({"age": {"type": "numeric", "bounds": [1, 2], "aliases": {"a": "b"}}})

@@ -168,6 +168,8 @@ class ColumnRule:
         # Matching (trim, Unicode NFC, case folding) runs once per distinct spelling,
         # of which a categorical has few, and the result is mapped back to every row.
         domain = {fold_text(c, col.case): c for c in col.categories or ()}
+        for spelling, category in (col.aliases or {}).items():  # checked: no conflicts
+            domain.setdefault(fold_text(spelling, col.case), category)
         spellings = self.spellings if self.spellings is not None else \
             self.raw.cast(pl.String).drop_nulls().unique()
         matched = []

@@ -10,10 +10,10 @@ the private rows does.
 from __future__ import annotations
 
 import datetime as dt
-import unicodedata
 from typing import TYPE_CHECKING, Any
 
 from personanet.config import ColumnConfig, Config
+from personanet.config.categories import fold_text  # noqa: F401  (its home is config)
 from personanet.errors import ConfigError
 from personanet.sources.images import (
     IMAGE_TOO_LARGE,
@@ -120,15 +120,6 @@ def normalized_text(expr: pl.Expr, case: str) -> pl.Expr:
     elif case == "upper":
         text = text.str.to_uppercase()
     return pl.when(text.str.len_bytes() > 0).then(text)
-
-
-def fold_text(value: str, case: str) -> str:
-    text = unicodedata.normalize("NFC", value.strip())
-    if case == "lower":
-        return text.lower()
-    if case == "upper":
-        return text.upper()
-    return text
 
 
 def datetime_expr(expr: pl.Expr, raw: pl.Series) -> pl.Expr:

@@ -115,6 +115,9 @@ class ColumnConfig:
     scale: Literal["linear", "log"] = "linear"
     #: public domain of a categorical; values outside it become "other"
     categories: tuple[str, ...] | None = None
+    #: other spellings of categories in the sources, e.g. {">50K." = ">50K"}: each is
+    #: matched like a category (trimmed, NFC, `case`) and becomes the category it names
+    aliases: dict[str, str] | None = None
     #: evaluate reports every metric per value of this column
     sensitive: bool = False
     #: fairness groups of a sensitive numeric/datetime column: the edges between bins, public
@@ -393,7 +396,7 @@ class Config:
 #: column keys left out of `Config.section("columns")` at these values, so configs written
 #: before the key existed keep their hashes (and their clean and train artifacts stay reusable)
 _UNSET_COLUMN_KEYS: dict[str, Any] = {"groups": None, "shape": None, "resize": "refuse",
-                                      "image_source": "path"}
+                                      "image_source": "path", "aliases": None}
 
 
 #: train keys of the image model left out of `Config.section("train")` at their defaults,

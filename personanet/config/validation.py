@@ -17,6 +17,7 @@ import json
 import math
 from typing import Any
 
+from personanet.config.categories import checked_aliases
 from personanet.config.image_keys import check_image_column, check_image_references
 from personanet.config.schema import (
     AUTO,
@@ -55,6 +56,9 @@ def normalise_column(col: ColumnConfig) -> ColumnConfig:
         if len(set(cats)) != len(cats):
             raise ConfigError(f"{where}.categories has duplicates")
         changes["categories"] = cats
+    if col.aliases is not None:
+        changes["aliases"] = checked_aliases(col, changes.get("categories", col.categories),
+                                             where)
     if col.groups is not None or col.sensitive:
         groups = _group_edges(col, changes.get("bounds", col.bounds), where)
         if groups is not None:
