@@ -9,9 +9,9 @@ quote; absolute seconds on a shared machine are noise. Parts (names for --skip):
 
 * ``scale``: collect + clean of N and 10 N synthetic rows (bench_clean's generator,
   defects included): time of each, the 10 N / N time ratio (target <= 11x) and peak RSS
-  (target under 4 GiB at 10 N). N is cleaned in one pass in memory (up to
-  ``clean_stream.ONE_PASS_ROWS``) and again in batches, the path 10 N takes: the ratio
-  is given against both.
+  (target under 4 GiB at 10 N). N is cleaned in one pass in memory (records up to
+  ``clean_stream.ONE_PASS_BYTES`` decoded) and again in batches, the path 10 N takes:
+  the ratio is given against both.
 * ``bare``: collect + clean of N rows against polars' bare ``read_csv`` +
   ``write_parquet`` of the same CSV, in pairs; the median of the per-pair ratios
   (target <= 3x).
@@ -179,10 +179,10 @@ def child(args: argparse.Namespace) -> int:
         out = train_once(args.root, args.version, args.phase.split(":", 1)[1], args.epochs,
                          args.delta)
     elif args.phase in ("collect_clean", "collect_clean_batched"):
-        if args.phase.endswith("batched"):  # the path of exports past ONE_PASS_ROWS
+        if args.phase.endswith("batched"):  # the path of exports past ONE_PASS_BYTES
             from personanet.stages import clean_stream
 
-            clean_stream.ONE_PASS_ROWS = 0
+            clean_stream.ONE_PASS_BYTES = 0
         out = collect_clean(args.csv, args.root)
     elif args.phase == "bare":
         out = bare(args.csv, args.root)
@@ -243,7 +243,7 @@ def scale_part(folder: Path, rows: int, env: dict[str, str]) -> None:
         (folder / "n10.csv").unlink()
     print(f"\ncollect + clean        {'rows':>12}{'seconds':>10}{'collect':>10}{'clean':>10}"
           f"{'peak RSS MiB':>14}")
-    # Up to clean_stream.ONE_PASS_ROWS records are cleaned in one pass in memory; past it
+    # Up to clean_stream.ONE_PASS_BYTES of records are cleaned in one pass in memory; past it
     # in batches. "N in batches" forces the path 10 N takes, for a like-for-like ratio.
     for name, r in (("N", small), ("N in batches", batched), ("10 N", big)):
         print(f"  {name:<21}{r['rows_in']:>12,}{r['seconds']:>10.1f}{r['collect_seconds']:>10.1f}"

@@ -129,7 +129,7 @@ def test_clean_in_small_batches_equals_clean_in_one(cli, key_env, messy_config: 
 
     assert cli("--config", messy_config, "collect").code == 0
     whole = _cleaned(cli, messy_config, key_env)
-    monkeypatch.setattr(clean_stream, "ONE_PASS_ROWS", 0)
+    monkeypatch.setattr(clean_stream, "ONE_PASS_BYTES", 0)
     monkeypatch.setattr(clean_stream, "BATCH_ROWS", 37)
     batched = _cleaned(cli, messy_config, key_env)
     figures = whole["figures"]
@@ -145,7 +145,7 @@ def test_a_shared_record_hash_alone_makes_no_duplicate(cli, key_env, messy_confi
 
     assert cli("--config", messy_config, "collect").code == 0
     whole = _cleaned(cli, messy_config, key_env)
-    monkeypatch.setattr(clean_stream, "ONE_PASS_ROWS", 0)
+    monkeypatch.setattr(clean_stream, "ONE_PASS_BYTES", 0)
     monkeypatch.setattr(clean_stream, "BATCH_ROWS", 50)
     # Every record hashes alike: only the comparison of whole records may decide.
     monkeypatch.setattr(pl.DataFrame, "hash_rows",

@@ -15,11 +15,13 @@ persona export. Here the records pass through in batches of `BATCH_ROWS`:
 What stays proportional to the rows: the collect artifact's plaintext Parquet (about 25
 bytes a row), the narrow columns (about 110 bytes a row) and the outputs' Parquet bytes.
 
-Up to `ONE_PASS_ROWS` records are cleaned in one pass in memory (`clean_records`), with
+Records whose decoded size is at most `ONE_PASS_BYTES` (estimated from the first rows:
+width counts, not just rows) are cleaned in one pass in memory (`clean_records`), with
 the same results: no Parquet round trip of the outputs and no second read of the records
-for exact duplicates. At 1M rows of the persona export that pass takes 1.8 s against
-2.2 s in batches, for a peak of 1.25 GiB against 1.0 GiB. With image features
-(duplicates compare pixels) the records are always cleaned in one pass.
+for exact duplicates. At 1M rows of the persona export (about 160 bytes a row decoded)
+that pass takes 1.8 s against 2.2 s in batches, for a peak of 1.25 GiB against 1.0 GiB,
+about 8 times the decoded records. With image features (duplicates compare pixels) the
+records are always cleaned in one pass.
 """
 
 from __future__ import annotations
@@ -48,8 +50,10 @@ log = logging.getLogger("personanet")
 
 #: records cleaned at a time (about 0.5 GiB of working memory for the persona export)
 BATCH_ROWS = 500_000
-#: at most this many records are cleaned in one pass in memory (about 1.2 GiB a million)
-ONE_PASS_ROWS = 1_500_000
+#: records up to this decoded size are cleaned in one pass (peak about 8 times it: 2 GiB)
+ONE_PASS_BYTES = 256 << 20
+#: rows read to estimate the decoded size of a row
+_SIZE_SAMPLE_ROWS = 10_000
 
 
 @dataclasses.dataclass
@@ -78,9 +82,8 @@ def clean_into(writer: ArtifactWriter, store: ArtifactStore, source: Artifact,
     setup = CleanSetup(config, as_of=as_of)
     chain = lineage(store, source)
     plaintexts = [tables.read_artifact_bytes(a, RECORDS, key) for a in chain]
-    rows_in = sum(int(a.output(RECORDS).get("rows") or 0) for a in chain)
     # Images: duplicates compare pixels across the whole set, so always one pass.
-    if setup.images or rows_in <= ONE_PASS_ROWS:
+    if setup.images or _decoded_bytes(chain, plaintexts) <= ONE_PASS_BYTES:
         records = pl.concat([pl.read_parquet(p) for p in plaintexts], how="diagonal_relaxed")
         outcome = clean_records(records, config, pseudonym_key, as_of=as_of)
         for name, frame in ((TRAIN_TABLE, outcome.train), (TEST_TABLE, outcome.test),
@@ -135,6 +138,15 @@ def clean_into(writer: ArtifactWriter, store: ArtifactStore, source: Artifact,
     tables.write_encrypted_parquet(writer.path(QUARANTINE), decision.quarantine, key)
     writer.add(QUARANTINE, rows=decision.quarantine.height, encrypted=True, key_id=key.key_id)
     return decision.report
+
+
+def _decoded_bytes(chain: list[Artifact], plaintexts: list[bytes]) -> float:
+    """The records' size once decoded, estimated from the first rows of the first table."""
+    import polars as pl
+
+    rows = sum(int(a.output(RECORDS).get("rows") or 0) for a in chain)
+    head = pl.scan_parquet(plaintexts[0]).head(_SIZE_SAMPLE_ROWS).collect()
+    return rows * head.estimated_size() / max(head.height, 1)
 
 
 def _batches(plaintexts: list[bytes], columns: list[str], batch_rows: int
