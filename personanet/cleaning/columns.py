@@ -101,7 +101,12 @@ class ColumnRule:
                 parse = [pl.col(name).cast(pl.Float64).alias(t("parsed")),
                          pl.col(name).is_null().alias(t("blank"))]
             else:
-                parse = [text.cast(pl.Float64, strict=False).alias(t("parsed")),
+                number = text
+                if col.thousands:
+                    number = number.str.replace_all(col.thousands, "", literal=True)
+                if col.decimal != ".":
+                    number = number.str.replace(col.decimal, ".", literal=True)
+                parse = [number.cast(pl.Float64, strict=False).alias(t("parsed")),
                          (text.str.len_bytes() == 0).fill_null(True).alias(t("blank"))]
             parsed = pl.col(t("parsed"))
             # NaN and infinities are missing values, not numbers to clip.
@@ -111,7 +116,7 @@ class ColumnRule:
                 (~pl.col(t("blank")) & parsed.is_null()).alias(t("invalid")),
             ]
         else:
-            parse = [datetime_expr(pl.col(name), self.raw).alias(t("parsed")),
+            parse = [datetime_expr(pl.col(name), self.raw, col.formats).alias(t("parsed")),
                      (text.str.len_bytes() == 0).fill_null(True).alias(t("blank"))]
             parsed = pl.col(t("parsed"))
             value = [

@@ -10,6 +10,7 @@ the private rows does.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from personanet.config import ColumnConfig, Config
@@ -122,8 +123,10 @@ def normalized_text(expr: pl.Expr, case: str) -> pl.Expr:
     return pl.when(text.str.len_bytes() > 0).then(text)
 
 
-def datetime_expr(expr: pl.Expr, raw: pl.Series) -> pl.Expr:
-    """Datetime(us, UTC) from text in DATETIME_FORMATS, or from a temporal column."""
+def datetime_expr(expr: pl.Expr, raw: pl.Series,
+                  formats: Sequence[str] | None = None) -> pl.Expr:
+    """Datetime(us, UTC) from text in `formats` (default DATETIME_FORMATS), or from a
+    temporal column."""
     import polars as pl
 
     target = pl.Datetime("us", "UTC")
@@ -133,12 +136,12 @@ def datetime_expr(expr: pl.Expr, raw: pl.Series) -> pl.Expr:
         return moment.cast(target)
     if raw.dtype == pl.Date:
         return expr.cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
-    return pl.lit(parsed_datetimes(raw))
+    return pl.lit(parsed_datetimes(raw, formats or DATETIME_FORMATS))
 
 
-def parsed_datetimes(raw: pl.Series) -> pl.Series:
-    """Each text value parsed by the first of DATETIME_FORMATS that fits it; null where
-    none does (or the value is blank).
+def parsed_datetimes(raw: pl.Series, formats: Sequence[str] = DATETIME_FORMATS) -> pl.Series:
+    """Each text value parsed by the first of `formats` that fits it; null where none
+    does (or the value is blank). A format without an offset reads UTC.
 
     The first format is tried on every value, each later one only on the values still
     unparsed: usually none are left, so a column costs one parse (trying every format
@@ -154,9 +157,9 @@ def parsed_datetimes(raw: pl.Series) -> pl.Series:
                 .collect().to_series().alias(raw.name))
 
     text = raw.cast(pl.String)
-    parsed = parse(text, DATETIME_FORMATS[0])
+    parsed = parse(text, formats[0])
     present = (text.str.strip_chars().str.len_bytes() > 0).fill_null(False)
-    for fmt in DATETIME_FORMATS[1:]:
+    for fmt in formats[1:]:
         left = parsed.is_null() & present
         if not left.any():
             break

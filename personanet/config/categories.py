@@ -1,9 +1,10 @@
-"""Categorical spellings: how a source value is matched to a category, and `aliases`,
-the other spellings a config declares for its categories.
+"""How a column's text is read: categorical spellings and datetime formats.
 
 A value matches a category when both fold alike (`fold_text`: trimmed, Unicode NFC,
 then the column's `case`); an alias is one more spelling that folds to its category,
-checked here so that no spelling can mean two categories.
+checked here so that no spelling can mean two categories. A datetime column may name
+its own strptime `formats` (a regional export's "31/12/2025 14:05"), checked here to
+be formats at all.
 """
 
 from __future__ import annotations
@@ -52,3 +53,18 @@ def checked_aliases(col: ColumnConfig, categories: tuple[str, ...] | None,
                               f"{meaning[folded]!r} (a category or another alias)")
         out[str(spelling)] = category
     return out
+
+
+def checked_formats(col: ColumnConfig, where: str) -> tuple[str, ...]:
+    """`formats` checked: a non-empty list of strptime formats, for a datetime column."""
+    if col.kind != "datetime":
+        raise ConfigError(f"{where}.formats only applies to datetime columns")
+    formats = tuple(str(f) for f in col.formats or ())
+    if not formats:
+        raise ConfigError(f"{where}.formats is empty: list strptime formats, e.g. "
+                          "[\"%d/%m/%Y %H:%M\"], or leave it out for ISO 8601")
+    for fmt in formats:
+        if "%" not in fmt:
+            raise ConfigError(f"{where}.formats: {fmt!r} is not a strptime format (e.g. "
+                              "\"%d/%m/%Y\")")
+    return formats

@@ -118,6 +118,14 @@ class ColumnConfig:
     #: other spellings of categories in the sources, e.g. {">50K." = ">50K"}: each is
     #: matched like a category (trimmed, NFC, `case`) and becomes the category it names
     aliases: dict[str, str] | None = None
+    #: datetime text formats (strptime, e.g. "%d/%m/%Y %H:%M"), tried in order instead of
+    #: the ISO 8601 shapes; a value without an offset is UTC
+    formats: tuple[str, ...] | None = None
+    #: a numeric column's decimal mark in text: "." or ","
+    decimal: Literal[".", ","] = "."
+    #: a numeric column's thousands separator in text, removed before parsing: "", ",",
+    #: ".", " " or "'"
+    thousands: Literal["", ",", ".", " ", "'"] = ""
     #: evaluate reports every metric per value of this column
     sensitive: bool = False
     #: fairness groups of a sensitive numeric/datetime column: the edges between bins, public
@@ -396,7 +404,8 @@ class Config:
 #: column keys left out of `Config.section("columns")` at these values, so configs written
 #: before the key existed keep their hashes (and their clean and train artifacts stay reusable)
 _UNSET_COLUMN_KEYS: dict[str, Any] = {"groups": None, "shape": None, "resize": "refuse",
-                                      "image_source": "path", "aliases": None}
+                                      "image_source": "path", "aliases": None,
+                                      "formats": None, "decimal": ".", "thousands": ""}
 
 
 #: train keys of the image model left out of `Config.section("train")` at their defaults,

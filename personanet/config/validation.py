@@ -17,7 +17,7 @@ import json
 import math
 from typing import Any
 
-from personanet.config.categories import checked_aliases
+from personanet.config.categories import checked_aliases, checked_formats
 from personanet.config.image_keys import check_image_column, check_image_references
 from personanet.config.schema import (
     AUTO,
@@ -56,6 +56,14 @@ def normalise_column(col: ColumnConfig) -> ColumnConfig:
         if len(set(cats)) != len(cats):
             raise ConfigError(f"{where}.categories has duplicates")
         changes["categories"] = cats
+    if col.formats is not None:
+        changes["formats"] = checked_formats(col, where)
+    if (col.decimal, col.thousands) != (".", ""):
+        if kind != "numeric":
+            raise ConfigError(f"{where}.decimal / thousands only apply to numeric columns")
+        if col.decimal == col.thousands:
+            raise ConfigError(f"{where}: decimal and thousands cannot both be "
+                              f"{col.decimal!r}")
     if col.aliases is not None:
         changes["aliases"] = checked_aliases(col, changes.get("categories", col.categories),
                                              where)

@@ -1,4 +1,5 @@
-"""The clean report's view: a clean artifact's figures as rich tables for the terminal.
+"""The clean report's view: a clean artifact's figures as rich tables for the terminal,
+and the warnings they call for.
 
 One of the three views of `personanet.stages.clean.CleanReport` (the manifest and
 `--json` show the same dict). It reads the figures as recorded, so a report read
@@ -8,6 +9,7 @@ back from any clean artifact's manifest renders the same way; nothing here print
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +17,10 @@ from personanet.cleaning.rows import ColumnCounts
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
+
+    from personanet.config import Config
+
+log = logging.getLogger("personanet")
 
 #: the per-column counters, in the order the table shows them
 COUNTERS = tuple(f.name for f in dataclasses.fields(ColumnCounts))
@@ -49,3 +55,31 @@ def render_report(figures: Mapping[str, Any]) -> RenderableType:
         shown.append(figures["quarantined_by_column"].get(name, 0))
         columns.add_row(name, *(f"{n:,}" if n else "-" for n in shown))
     return Group(summary, columns)
+
+
+def clean_warnings(figures: Mapping[str, Any], config: Config) -> list[str]:
+    """What the user must hear about a new clean artifact (said once, when it is made,
+    and logged here): an empty side, and a column most of whose values did not parse (an
+    export that writes "31/12/2025" or "1.234,5" would otherwise be imputed quietly, row
+    after row). Counts only, never a value."""
+    warnings = []
+    train, test = int(figures["rows_train"]), int(figures["rows_test"])
+    if train == 0 or test == 0:
+        warnings.append(f"clean left {train} train and {test} test rows: see "
+                        "quarantined_by_reason and the split settings")
+    kept = train + test
+    for name, counts in (figures.get("columns") or {}).items():
+        col = config.columns.get(name)
+        invalid = int(counts.get("invalid") or 0)
+        if col is None or col.kind not in ("numeric", "datetime") or not invalid:
+            continue
+        if invalid * 2 >= kept:
+            fix = (f"list its formats in columns.{name}.formats, e.g. [\"%d/%m/%Y %H:%M\"]"
+                   if col.kind == "datetime" else
+                   f"set columns.{name}.decimal / thousands for numbers such as 1.234,5")
+            warnings.append(f"columns.{name}: {invalid} of the {kept} kept rows hold a value "
+                            f"that did not parse as a {col.kind} (treated as missing, then "
+                            f"imputed): {fix}")
+    for warning in warnings:
+        log.warning(warning)
+    return warnings

@@ -66,6 +66,7 @@ from personanet.cleaning.values import (
 from personanet.config import ROW_UNIT, Config
 from personanet.errors import BadInputError, InternalError
 from personanet.privacy.pseudonym import pseudonym_key
+from personanet.reporting.clean_view import clean_warnings
 from personanet.stages.base import StagePlan, StageResult, run_stage
 from personanet.stages.clean_keys import (  # noqa: F401  (hash_split: public here too)
     _exact_duplicates,
@@ -192,7 +193,7 @@ def clean(config: Config, store: ArtifactStore, key: MasterKey, *,
             report = clean_into(writer, store, source, config, key,
                                 pseudonym_key=pseudonym_key(key), as_of=as_of)
             writer.figures = report.to_dict()
-            warnings.extend(_warnings(report))
+            warnings.extend(clean_warnings(report.to_dict(), config))
 
         return StagePlan("clean", clean_fingerprint(config, source.version),
                          inputs=[a.as_input() for a in lineage(store, source)],
@@ -211,16 +212,6 @@ def clean(config: Config, store: ArtifactStore, key: MasterKey, *,
             report.rows_dropped_by_bounding,
         )
     return result
-
-
-def _warnings(report: CleanReport) -> list[str]:
-    """What the user must hear about a new clean artifact (said once, when it is made)."""
-    if report.rows_train > 0 and report.rows_test > 0:
-        return []
-    warning = (f"clean left {report.rows_train} train and {report.rows_test} test rows: "
-               "see quarantined_by_reason and the split settings")
-    log.warning(warning)
-    return [warning]
 
 
 def clean_records(records: pl.DataFrame, config: Config, pseudonym_key: bytes, *,
