@@ -181,7 +181,12 @@ def run_cli(argv: list[str]) -> int:
 
 
 def main() -> NoReturn:
-    sys.exit(run_cli(sys.argv[1:]))
+    code = run_cli(sys.argv[1:])
+    # A training worker of several processes ends without C++ teardown (gloo may abort it).
+    distributed = sys.modules.get("personanet.training.distributed")
+    if distributed is not None:
+        distributed.leave_now(code)
+    sys.exit(code)
 
 
 def _print_error(exc: BaseException, code: int) -> None:
