@@ -60,7 +60,11 @@ def _dump_toml(data: dict) -> str:
     lines: list[str] = []
 
     def value(v: object) -> str:
-        return json.dumps(v) if not isinstance(v, bool) else ("true" if v else "false")
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, dict):  # an inline table (columns' aliases)
+            return "{ " + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + " }"
+        return json.dumps(v)
 
     for section, table in data.items():
         if section == "columns":

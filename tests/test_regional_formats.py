@@ -99,3 +99,37 @@ def test_a_column_that_mostly_does_not_parse_is_a_warning_naming_the_fix(
     assert result.code == 0, result.stderr
     assert "did not parse" not in result.stderr
     assert result.json()["columns"]["collected_at"]["invalid"] == 0
+
+
+def test_an_export_spelling_its_categories_its_own_way_is_a_warning(
+        cli, key_env, tmp_path: Path) -> None:
+    """UCI's adult.test labels (">50K.") quarantine every row, and "M"/"F" for sex would
+    make the column "__other__" throughout: both are said, with the key that fixes them."""
+    header, *rows = sample_lines(30).splitlines()
+    names = header.split(",")
+    sex, income = names.index("sex"), names.index("income")
+    lines = []
+    for line in rows:
+        fields = line.split(",")
+        fields[sex] = fields[sex][0]  # "Male" -> "M"
+        fields[income] = fields[income] + "."
+        lines.append(",".join(fields))
+    lines[0] = lines[0].replace(">50K.,", ">50K,").replace("<=50K.,", "<=50K,")  # one kept
+    source = tmp_path / "adult_test.csv"
+    source.write_text("\n".join([header, *lines]) + "\n")
+    config = write_config(tmp_path / "c.toml", source)
+    assert cli("--config", config, "collect").code == 0
+    result = cli("--config", config, "clean")
+    assert result.code == 0, result.stderr
+    text = " ".join(result.stderr.split())
+    assert "columns.income: 29 of the 30 rows were quarantined for this column" in text
+    assert "columns.income.aliases" in text
+    assert "columns.sex: 1 of the 1 kept rows hold a value outside its categories" in text
+
+    fixed = write_config(tmp_path / "fixed.toml", source, overrides=(
+        "[columns.income]\naliases = { \">50K.\" = \">50K\", \"<=50K.\" = \"<=50K\" }\n"
+        "[columns.sex]\naliases = { \"M\" = \"Male\", \"F\" = \"Female\" }\n"))
+    result = cli("--json", "--config", fixed, "clean")
+    assert result.code == 0, result.stderr
+    assert "columns." not in result.stderr
+    assert result.json()["rows_quarantined"] == 0

@@ -70,16 +70,30 @@ def clean_warnings(figures: Mapping[str, Any], config: Config) -> list[str]:
     kept = train + test
     for name, counts in (figures.get("columns") or {}).items():
         col = config.columns.get(name)
-        invalid = int(counts.get("invalid") or 0)
-        if col is None or col.kind not in ("numeric", "datetime") or not invalid:
+        if col is None:
             continue
-        if invalid * 2 >= kept:
+        invalid, other = int(counts.get("invalid") or 0), int(counts.get("other") or 0)
+        if col.kind in ("numeric", "datetime") and invalid and invalid * 2 >= kept:
             fix = (f"list its formats in columns.{name}.formats, e.g. [\"%d/%m/%Y %H:%M\"]"
                    if col.kind == "datetime" else
                    f"set columns.{name}.decimal / thousands for numbers such as 1.234,5")
             warnings.append(f"columns.{name}: {invalid} of the {kept} kept rows hold a value "
                             f"that did not parse as a {col.kind} (treated as missing, then "
                             f"imputed): {fix}")
+        if col.kind == "categorical" and other and other * 2 >= kept:
+            warnings.append(f"columns.{name}: {other} of the {kept} kept rows hold a value "
+                            f"outside its categories (now \"__other__\"): declare the "
+                            f"source's spellings in columns.{name}.aliases, or fix "
+                            f"columns.{name}.categories")
+    rows_in = int(figures.get("rows_in") or 0)
+    for name, count in (figures.get("quarantined_by_column") or {}).items():
+        if rows_in and int(count) * 2 >= rows_in:
+            col = config.columns.get(name)
+            hint = (f"; if the source spells its categories its own way, declare them in "
+                    f"columns.{name}.aliases" if col is not None and col.kind == "categorical"
+                    else "")
+            warnings.append(f"columns.{name}: {count} of the {rows_in} rows were quarantined "
+                            f"for this column (see quarantined_by_reason){hint}")
     for warning in warnings:
         log.warning(warning)
     return warnings
