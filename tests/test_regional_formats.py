@@ -6,6 +6,7 @@ imputation row after row."""
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
@@ -55,6 +56,19 @@ def test_datetimes_in_the_columns_own_formats_are_utc_unless_they_say_otherwise(
         dt.datetime(2025, 12, 31, 12, 5, tzinfo=UTC)]
 
 
+def _export(path: Path, rows: int, rewrite: Callable[[dict[str, str]], None]) -> Path:
+    """The sample's first `rows` records, each rewritten in place by `rewrite`, as a CSV."""
+    header, *lines = sample_lines(rows).splitlines()
+    names = header.split(",")
+    out = [header]
+    for line in lines:
+        row = dict(zip(names, line.split(","), strict=True))
+        rewrite(row)
+        out.append(",".join(row[n] for n in names))
+    path.write_text("\n".join(out) + "\n")
+    return path
+
+
 @pytest.mark.parametrize(("column", "message"), [
     ({"type": "numeric", "bounds": [0, 1], "decimal": ",", "thousands": ","},
      r"decimal and thousands cannot both be ','"),
@@ -73,16 +87,11 @@ def test_formats_that_cannot_be_meant_are_refused(column: dict, message: str) ->
 
 def test_a_column_that_mostly_does_not_parse_is_a_warning_naming_the_fix(
         cli, key_env, tmp_path: Path) -> None:
-    header, *rows = sample_lines(40).splitlines()
-    at = header.split(",").index("collected_at")
-    day_first = []
-    for line in rows:  # the same instants, written day first
-        fields = line.split(",")
-        moment = dt.datetime.fromisoformat(fields[at].replace("Z", "+00:00"))
-        fields[at] = moment.strftime("%d/%m/%Y %H:%M:%S")
-        day_first.append(",".join(fields))
-    source = tmp_path / "export.csv"
-    source.write_text("\n".join([header, *day_first]) + "\n")
+    def day_first(row: dict[str, str]) -> None:  # the same instants, written day first
+        moment = dt.datetime.fromisoformat(row["collected_at"].replace("Z", "+00:00"))
+        row["collected_at"] = moment.strftime("%d/%m/%Y %H:%M:%S")
+
+    source = _export(tmp_path / "export.csv", 40, day_first)
     config = write_config(tmp_path / "c.toml", source)
     assert cli("--config", config, "collect").code == 0
     result = cli("--config", config, "clean")
@@ -105,18 +114,15 @@ def test_an_export_spelling_its_categories_its_own_way_is_a_warning(
         cli, key_env, tmp_path: Path) -> None:
     """UCI's adult.test labels (">50K.") quarantine every row, and "M"/"F" for sex would
     make the column "__other__" throughout: both are said, with the key that fixes them."""
-    header, *rows = sample_lines(30).splitlines()
-    names = header.split(",")
-    sex, income = names.index("sex"), names.index("income")
-    lines = []
-    for line in rows:
-        fields = line.split(",")
-        fields[sex] = fields[sex][0]  # "Male" -> "M"
-        fields[income] = fields[income] + "."
-        lines.append(",".join(fields))
-    lines[0] = lines[0].replace(">50K.,", ">50K,").replace("<=50K.,", "<=50K,")  # one kept
-    source = tmp_path / "adult_test.csv"
-    source.write_text("\n".join([header, *lines]) + "\n")
+    first = True
+
+    def adult_test(row: dict[str, str]) -> None:
+        nonlocal first
+        row["sex"] = row["sex"][0]  # "Male" -> "M"
+        row["income"] += "" if first else "."  # the first row keeps its label: one kept
+        first = False
+
+    source = _export(tmp_path / "adult_test.csv", 30, adult_test)
     config = write_config(tmp_path / "c.toml", source)
     assert cli("--config", config, "collect").code == 0
     result = cli("--config", config, "clean")
